@@ -1,0 +1,372 @@
+"""Tests of cram.py and train.py: pytest + hypothesis. Run: python -m pytest -q test_cram.py
+
+Errors are measured as relative RMS, ||a - b|| / ||b||, with the tensor's name in the message;
+fp32 on CPU throughout, so 1e-5 leaves room for reordered sums and nothing more.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import cram
+import train
+from cram import CRAM, ConfigError, CramConfig
+
+settings.register_profile("ci", deadline=None, derandomize=True, database=None, max_examples=15)
+settings.load_profile("ci")
+torch.set_num_threads(1)  # small tensors: one thread is faster and makes runs repeatable
+FP32_TOL = 1e-5
+
+
+def rel_rms(a, b, name):
+    err = (a - b).norm() / b.norm().clamp_min(1e-12)
+    assert err < FP32_TOL, f"{name}: relative RMS error {err:.2e} >= {FP32_TOL}"
+
+
+def tiny_config(**kw):
+    base = dict(vocab_size=40, n_cont=2, n_pred=1, n_embd=16, n_head=2, n_layer=2, window=64, wm_chunk=4)
+    return CramConfig(**{**base, **kw})
+
+
+def random_inputs(cfg, B, T, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(tokens=torch.randint(0, cfg.vocab_size, (B, T, 2), generator=g),
+                dt=torch.rand(B, T, generator=g) * 2,
+                cont=torch.randn(B, T, cfg.n_cont, generator=g))
+
+
+def eval_model(cfg, seed=0):
+    torch.manual_seed(seed)
+    model = CRAM(cfg).eval()
+    with torch.no_grad():  # a router that is not all-W at init, so attention actually runs
+        for b in model.blocks:
+            b.router.logits.bias.copy_(torch.tensor([0.0, 0.3, 0.0]))
+    return model
+
+
+def dense_attention(q, k, v, window):
+    """Reference: full causal windowed softmax attention, all (B, H, T, D)."""
+    T = q.shape[2]
+    i = torch.arange(T)
+    mask = (i[None] <= i[:, None]) & (i[None] > i[:, None] - window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+# ---- the scan: chunked == sequential ------------------------------------------------------
+
+@given(B=st.integers(1, 3), T=st.integers(1, 70), C=st.integers(1, 9), chunk=st.integers(1, 40),
+       scale=st.sampled_from([0.0, 0.1, 3.0, 50.0]), seed=st.integers(0, 2**16))
+def test_chunked_scan_equals_sequential(B, T, C, chunk, scale, seed):
+    """Outputs and gradients, chunk lengths that do and do not divide T, decays from none (scale
+    0) to total (scale 50: exp(-50) underflows nothing that matters but tests stability)."""
+    g = torch.Generator().manual_seed(seed)
+    la = (-torch.rand(B, T, C, generator=g) * scale).requires_grad_()
+    x = torch.randn(B, T, C, generator=g, requires_grad=True)
+    w = torch.randn(B, T, C, generator=g)
+    ref = cram.gated_scan_sequential(la, x)
+    gla, gx = torch.autograd.grad((ref * w).sum(), (la, x))
+    out = cram.gated_scan_chunked(la, x, chunk)
+    cla, cx = torch.autograd.grad((out * w).sum(), (la, x))
+    assert torch.isfinite(out).all()
+    rel_rms(out, ref, "h")
+    rel_rms(cx, gx, "dx")
+    if scale > 0:
+        rel_rms(cla, gla, "dlog_a")
+
+
+def test_gated_memory_uses_the_scan_it_is_given():
+    cfg = tiny_config()
+    wm = cram.GatedCTMemory(cfg)
+    x, dt = torch.randn(2, 13, cfg.n_embd), torch.rand(2, 13)
+    rel_rms(wm(x, dt), wm(x, dt, scan=cram.gated_scan_sequential), "working memory")
+
+
+def test_ctrnn_matches_a_hand_computed_step():
+    """h^(1) = h^(0) + dt sigmoid(W_tau log(1 + dtau)) tanh(W1 h^(0) + W2 x), computed by hand
+    for d = 1, K = 2 (dt = 1/2), with every weight set to a known number."""
+    cfg = CramConfig(n_embd=1, n_head=1, ctrnn_steps=2, wm_kind="ctrnn")
+    wm = cram.CTRNNMemory(cfg)
+    with torch.no_grad():
+        wm.W1.weight.fill_(0.5)
+        wm.W2.weight.fill_(2.0), wm.W2.bias.fill_(0.1)
+        wm.W_tau.weight.fill_(1.5), wm.W_tau.bias.fill_(-0.2)
+    h0, x, dtau = 0.3, 0.7, 1.8
+    rate = 1 / (1 + math.exp(-(1.5 * math.log(1 + dtau) - 0.2)))
+    h = h0
+    for _ in range(2):
+        h = h + 0.5 * rate * math.tanh(0.5 * h + 2.0 * x + 0.1)
+    got = wm.step(torch.tensor([[h0]]), torch.tensor([[x]]), torch.tensor([dtau]))
+    assert abs(got.item() - h) < 1e-6, (got.item(), h)
+
+
+# ---- routed attention ----------------------------------------------------------------------
+
+@given(B=st.integers(1, 3), H=st.integers(1, 3), T=st.integers(1, 40), D=st.sampled_from([1, 3, 8]),
+       window=st.integers(1, 50), p=st.floats(0, 1), seed=st.integers(0, 2**16))
+def test_routed_attention_equals_dense_on_routed_rows(B, H, T, D, window, p, seed):
+    """Any routed subset (empty and full included): outputs and gradients equal dense attention
+    restricted to those rows; the work counter counts exactly the routed queries."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, T, D, generator=g, requires_grad=True) for _ in range(3))
+    routed = torch.rand(B, T, generator=g) < p
+    b, t = routed.nonzero(as_tuple=True)
+    w = torch.randn(len(b), H, D, generator=g)
+    ref = dense_attention(q, k, v, window)[b, :, t]                    # (M, H, D)
+    cram.attention_work.clear()
+    out = cram.routed_attention(q[b, :, t], k, v, b, t, window)
+    assert cram.attention_work["queries"] == len(b)
+    assert cram.attention_work["scores"] <= len(b) * H * T
+    assert out.shape == ref.shape
+    if len(b) == 0:
+        assert cram.attention_work["scores"] == 0
+        return
+    rel_rms(out, ref, "out")
+    for name, a, r in zip("qkv", torch.autograd.grad((out * w).sum(), (q, k, v)),
+                          torch.autograd.grad((ref * w).sum(), (q, k, v))):
+        rel_rms(a, r, f"d{name}")
+
+
+def test_attention_work_is_proportional_to_routed_queries():
+    """router_mode=fixed routes every k-th token: work falls by k, counted, not assumed."""
+    x = random_inputs(tiny_config(), 2, 64)
+    counts = {}
+    for k in (1, 4, 16):
+        cfg = tiny_config(router_mode="fixed", fixed_every=k, window=8)
+        cram.attention_work.clear()
+        eval_model(cfg)(**x)
+        counts[k] = dict(cram.attention_work)
+        assert counts[k]["queries"] == cfg.n_layer * 2 * (64 // k)
+    # with a window of 8 every routed query costs at most 8 + its row's span of scores per head
+    assert counts[16]["scores"] * 8 < counts[1]["scores"]
+
+
+# ---- model properties ----------------------------------------------------------------------
+
+MODES = ["learned", "always", "static", "fixed", "never"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("wm_kind", ["gated", "ctrnn"])
+@given(T=st.integers(2, 40), seed=st.integers(0, 2**16), data=st.data())
+@settings(max_examples=5)
+def test_causality(mode, wm_kind, T, seed, data):
+    """Changing tokens after t never changes outputs (logits, predictions, routing) at or before t."""
+    t = data.draw(st.integers(0, T - 2), label="t")
+    cfg = tiny_config(router_mode=mode, wm_kind=wm_kind, fixed_every=3)
+    model = eval_model(cfg, seed)
+    x = random_inputs(cfg, 2, T, seed)
+    y = {k: v.clone() for k, v in x.items()}
+    g = torch.Generator().manual_seed(seed + 1)
+    y["tokens"][:, t + 1:] = torch.randint(0, cfg.vocab_size, y["tokens"][:, t + 1:].shape, generator=g)
+    y["dt"][:, t + 1:] = torch.rand(y["dt"][:, t + 1:].shape, generator=g) * 5
+    y["cont"][:, t + 1:] += 3
+    a, b = model(**x), model(**y)
+    for name in ("logits", "pred"):
+        rel_rms(b[name][:, :t + 1], a[name][:, :t + 1], name)
+    assert not torch.allclose(b["logits"][:, t + 1:], a["logits"][:, t + 1:])  # the change did reach
+
+
+@given(B=st.integers(2, 4), T=st.integers(1, 30), seed=st.integers(0, 2**16))
+def test_batch_independence(B, T, seed):
+    """Each row's outputs are those it gets alone: no leak across the batch (routing included)."""
+    cfg = tiny_config()
+    model = eval_model(cfg, seed)
+    x = random_inputs(cfg, B, T, seed)
+    full = model(**x)
+    for i in range(B):
+        one = model(**{k: v[i:i + 1] for k, v in x.items()})
+        rel_rms(one["logits"][0], full["logits"][i], f"logits row {i}")
+
+
+@given(T=st.integers(1, 40), window=st.integers(1, 50), seed=st.integers(0, 2**16))
+@settings(max_examples=8)
+def test_always_routing_equals_dense_attention_model(T, window, seed):
+    """router_mode=always: the model equals the same model whose attention is dense SDPA."""
+    cfg = tiny_config(router_mode="always", window=window)
+    model = eval_model(cfg, seed)
+    x = random_inputs(cfg, 2, T, seed)
+    routed = model(**x)["logits"]
+
+    def dense_twin(q, k, v, b_idx, t_idx, window):
+        B, H, T, D = k.shape
+        assert len(b_idx) == B * T  # every token routed
+        qa = q.view(B, T, H, D).transpose(1, 2)
+        return dense_attention(qa, k, v, window)[b_idx, :, t_idx]
+
+    original, cram.routed_attention = cram.routed_attention, dense_twin
+    try:
+        dense = model(**x)["logits"]
+    finally:
+        cram.routed_attention = original
+    rel_rms(routed, dense, "logits")
+
+
+def test_never_routing_does_no_attention_work():
+    """router_mode=never: no query is scored, and the episodic weights cannot matter."""
+    cfg = tiny_config(router_mode="never")
+    model = eval_model(cfg)
+    x = random_inputs(cfg, 2, 33)
+    model.train()  # training adds spot checks in learned mode; never must still do none
+    cram.attention_work.clear()
+    before = model(**x, targets=torch.full((2, 33), -1))
+    assert cram.attention_work["queries"] == 0 and cram.attention_work["scores"] == 0
+    assert before["stats"]["attn_frac"] == 0
+    model.eval()
+    a = model(**x)["logits"]
+    with torch.no_grad():
+        for b in model.blocks:
+            for p in b.episodic.parameters():
+                p.add_(torch.randn_like(p))
+    assert torch.equal(a, model(**x)["logits"])
+
+
+def test_learned_routing_runs_attention_only_for_routed_tokens_at_inference():
+    cfg = tiny_config()
+    model = eval_model(cfg)
+    x = random_inputs(cfg, 3, 50)
+    cram.attention_work.clear()
+    out = model(**x)
+    routed = out["stats"]["attn_pair_frac"] * 3 * 50 * cfg.n_layer
+    assert 0 < cram.attention_work["queries"] == round(routed)
+
+
+def test_losses_are_finite_and_each_term_reported():
+    cfg = tiny_config()
+    model = CRAM(cfg).train()
+    x = random_inputs(cfg, 2, 20)
+    targets = torch.randint(0, cfg.vocab_size, (2, 20))
+    out = model(**x, targets=targets, pred_targets=torch.randn(2, 20, 1))
+    assert set(out["terms"]) == {"ce", "mse", "consol", "qhead", "compute"}
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# ---- SRCD ------------------------------------------------------------------------------------
+
+def srcd(**kw):
+    run = dict(train.DEFAULTS, **kw)
+    return train.make_dataset(type("Run", (), run))
+
+
+@given(n=st.integers(40, 600), query=st.floats(0.01, 0.2), recurring=st.floats(0, 1), seed=st.integers(0, 2**16))
+def test_srcd_invariants(n, query, recurring, seed):
+    data = srcd(srcd_len=n, srcd_query=query, srcd_recurring=recurring)
+    batch = data.batch(4, np.random.default_rng(seed))
+    tok, tgt, cls = batch["tokens"].numpy(), batch["targets"].numpy(), batch["token_class"].numpy()
+    for i in range(4):
+        qpos = np.flatnonzero(tok[i, :, 1] == data.QUERY)
+        assert len(qpos) == data.n_query == round(query * n) or data.n_query == 1
+        assert ((cls[i] == 1).sum(), (cls[i] == 2).sum()) == (data.n_recurring, data.n_novel)
+        for t in qpos:  # the key was bound earlier in this sequence, with the value asked for
+            bound = np.flatnonzero((tok[i, :t, 0] == tok[i, t, 0]) & (tok[i, :t, 1] >= data.value0))
+            assert len(bound) == 1 and tok[i, bound[0], 1] == tgt[i, t]
+            assert (cls[i, t] == 1) == (tok[i, t, 0] < data.novel0)
+    assert abs(data.n_recurring / data.n_query - recurring) <= 0.5 / data.n_query + 1e-9
+    assert (batch["dt"] > 0).all() and torch.isfinite(batch["pred_targets"]).all()
+
+
+def test_srcd_recurring_keys_keep_their_value_and_novel_ones_do_not():
+    data = srcd()
+    batch = data.batch(64, np.random.default_rng(0))
+    tok, cls = batch["tokens"].numpy(), batch["token_class"].numpy()
+    binds = tok[tok[:, :, 1] >= data.value0]
+    rec = binds[binds[:, 0] < data.novel0]
+    values = {}
+    for k, v in rec:
+        assert values.setdefault(k, v) == v, f"recurring key {k} has two values"
+    nov = binds[binds[:, 0] >= data.novel0]
+    seen = {}
+    for k, v in nov:
+        seen.setdefault(k, set()).add(v)
+    assert np.mean([len(s) > 1 for s in seen.values() if len(s) > 0]) > 0.5
+    # the floor is the share of novel queries
+    assert abs((cls == 2).mean() - data.floor) < 1e-12
+    assert abs(data.floor - 0.05 * 0.3) < 0.002
+
+
+# ---- train.py ----------------------------------------------------------------------------------
+
+TINY_RUN = ["--srcd_len=48", "--batch_size=4", "--n_embd=16", "--n_head=2", "--eval_batches=1",
+            "--srcd_pool=10", "--srcd_novel_keys=20", "--srcd_values=8", "--log_interval=2",
+            "--eval_interval=4", "--threads=1"]
+
+
+def test_short_training_lowers_the_loss(tmp_path):
+    summary = train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--max_iters=60", "--log_interval=10",
+                                     "--eval_interval=20", "--srcd_len=64", "--srcd_query=0.1"])
+    rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    train_loss = [r["loss"] for r in rows if r["kind"] == "train"]
+    assert train_loss[-1] < 0.8 * train_loss[0], train_loss
+    assert summary["steps"] == 60 and 0 <= summary["attn_frac"] <= 1
+    for key in ("retrieval_acc", "attn_frac", "attn_frac_peak", "attn_floor", "dynamics_mse",
+                "steps", "wall_seconds", "config"):
+        assert key in json.load(open(tmp_path / "summary.json"))
+
+
+def test_resume_equals_uninterrupted_run_bit_for_bit(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    train.main(TINY_RUN + [f"--out_dir={a}", "--max_iters=8", "--ckpt_interval=3"])
+    assert train.main(TINY_RUN + [f"--out_dir={b}", "--max_iters=8", "--ckpt_interval=3", "--stop_iter=5"]) is None
+    train.main(TINY_RUN + [f"--out_dir={b}", "--max_iters=8", "--ckpt_interval=3", "--resume=True"])
+    ca, cb = (torch.load(p / "ckpt.pt", weights_only=False) for p in (a, b))
+    assert ca["step"] == cb["step"] == 8
+    for name, t in ca["model"].items():
+        assert torch.equal(t, cb["model"][name]), name
+    la = [json.loads(l) for l in open(a / "metrics.jsonl")]
+    lb = [json.loads(l) for l in open(b / "metrics.jsonl")]
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("ms", "tok_s")} for r in rows]
+    assert strip(la) == strip(lb)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--max_iters=abc"], "--max_iters=abc: expected int"),
+    (["--learning_rate=fast"], "expected float"),
+    (["--resume=1"], "expected bool"),
+    (["--no_such_key=1"], "unknown setting --no_such_key"),
+    (["max_iters=3"], "unexpected argument"),
+    (["--max_iters"], "needs a value"),
+    (["--dataset=imagenet"], "--dataset=imagenet: expected one of"),
+    (["--n_embd=30"], "n_embd=30: expected a positive multiple of n_head=4"),
+    (["--router_mode=sometimes"], "router_mode='sometimes': expected one of"),
+    (["--spot_check=2.0"], "spot_check=2.0: expected in [0, 1]"),
+    (["--srcd_query=0.9"], "srcd_query=0.9"),
+    (["--device=tpu"], "--device=tpu"),
+])
+def test_bad_settings_raise_one_clear_error(tmp_path, argv, words):
+    with pytest.raises(ConfigError) as e:
+        train.main(argv + [f"--out_dir={tmp_path}"])
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_config_values_raise_config_error():
+    for kw, words in [(dict(n_head=0), "n_head"), (dict(n_embd="64"), "expected int"),
+                      (dict(penalty_q=1), "expected bool"), (dict(sem_rank=-1), "sem_rank")]:
+        with pytest.raises(ConfigError, match=words):
+            CramConfig(**kw)
+
+
+def test_checkpoint_errors_and_no_lost_work(tmp_path):
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--resume=True"])
+    train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--max_iters=2"])
+    with pytest.raises(ConfigError, match="exists: pass --resume=True"):
+        train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--max_iters=2"])
+    with pytest.raises(ConfigError, match="differs from the checkpoint"):
+        train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--n_embd=32", "--resume=True"])
+    (tmp_path / "ckpt.pt").write_bytes(b"torn")
+    with pytest.raises(ConfigError, match="unreadable"):
+        train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--resume=True"])
+
+
+def test_command_line_error_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "train.py", "--max_iters=x", f"--out_dir={tmp_path}"],
+                       capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:")
