@@ -11,18 +11,23 @@ import sys
 
 import numpy as np
 import pytest
+import sympy as sp
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import cram
+import theory
 import train
 from cram import CRAM, ConfigError, CramConfig
+from theory import consolidation as cons
+from theory import lower_bound as lb
 
 settings.register_profile("ci", deadline=None, derandomize=True, database=None, max_examples=15)
 settings.load_profile("ci")
 torch.set_num_threads(1)  # small tensors: one thread is faster and makes runs repeatable
 FP32_TOL = 1e-5
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def rel_rms(a, b, name):
@@ -368,5 +373,125 @@ def test_checkpoint_errors_and_no_lost_work(tmp_path):
 
 def test_command_line_error_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "train.py", "--max_iters=x", f"--out_dir={tmp_path}"],
-                       capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+                       capture_output=True, text=True, cwd=ROOT)
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:")
+
+
+# ---- theory: the static-routing lower bound and the consolidation curve (theory/, notebooks/) ----
+# Every test here fails if the formula it checks is wrong (another bound, an off-by-one in k,
+# another exponent).
+
+
+@st.composite
+def families(draw, max_n=10):
+    """A random instance family small enough to enumerate: 2^n subsets, n <= 10."""
+    n = draw(st.integers(2, max_n))
+    q = draw(st.integers(1, n // 2))
+    m = draw(st.integers(1, 5))
+    r = draw(st.floats(0.0, 1.0))
+    return theory.make_family(n, q, m, r=r, P=3, seed=draw(st.integers(0, 2**16)))
+
+
+chances = st.sampled_from([0.0, 0.1, 0.25, 0.5])  # c = 0 (wrong) or guessing among 10, 4, 2 values
+
+
+@settings(max_examples=100)
+@given(fam=families(), delta=st.floats(0.0, 0.9), c=chances)
+def test_theory_brute_force_never_below_bound(fam, delta, c):
+    bound = theory.static_bound(fam.n, fam.f, delta, c)
+    least, name, _ = theory.brute_force(fam, delta, c)
+    assert least >= bound - lb.TOL, f"{name} reaches 1-delta with {least} < bound {bound}"
+    assert least <= math.ceil(bound - lb.TOL), f"{least} above ceil(bound {bound})"  # tight up to rounding
+    # scheme by scheme: attention >= q (acc - c) / (1 - c), the proof's inequality
+    _, routes = lb.static_schemes(fam)
+    attn, acc = lb.evaluate(fam, routes, chance=c)
+    assert (attn >= fam.q * (acc - c) / (1 - c) - lb.TOL).all()
+
+
+@settings(max_examples=60)
+@given(fam=families(), c=chances, data=st.data())
+def test_theory_bound_is_met(fam, c, data):
+    # pick delta so that the bound is an integer a: the least count must then be exactly a
+    a = data.draw(st.integers(0, fam.q), label="routed queries")
+    delta = 1 - c - (1 - c) * a / fam.q
+    assert math.isclose(theory.static_bound(fam.n, fam.f, delta, c), a, abs_tol=1e-9)
+    least, name, _ = theory.brute_force(fam, delta, c)
+    assert abs(least - a) < 1e-9, f"least {least} ({name}) != bound {a}"
+
+
+@settings(max_examples=20)
+@given(fam=families())
+def test_theory_consolidating_scheme_pays_novel_only(fam):
+    for C, expected in [((), fam.q), (range(fam.P), (fam.queries & ~fam.recurring).sum(1).mean())]:
+        attn, acc = lb.evaluate(fam, theory.consolidating_route(fam, C), consolidated=C)
+        assert acc == 1.0 and math.isclose(attn, expected), (C, attn, expected)
+
+
+@settings(max_examples=20)
+@given(P=st.integers(2, 40), k=st.integers(1, 6), q=st.integers(1, 5), per_token=st.integers(2, 4),
+       b=st.integers(1, 4), r=st.floats(0.1, 0.95), seed=st.integers(0, 2**16))
+def test_theory_simulation_matches_closed_form(P, k, q, per_token, b, r, seed):
+    n, f, p = q * per_token, 1 / per_token, theory.uniform_pool(P)
+    t_star = k * P / (r * b * q)  # the transition: each pattern seen about k times
+    steps = np.unique(np.r_[0, np.geomspace(1, 4 * t_star + 2, 15).round()]).astype(int)
+    attn, _ = theory.simulate(n, f, r, p, k, b, steps, replicas=4000, seed=seed)
+    z = theory.z_scores(attn, theory.expected_attention(steps, n, f, r, p, k, b), b)
+    # 5 standard errors over 15 steps: a false alarm has probability < 1e-4; with 4000 replicas a
+    # formula with k + 1 or k - 1 in place of k is off by more than 8 standard errors (measured)
+    assert np.abs(z).max() < 5, f"max |z| = {np.abs(z).max():.2f} at steps {steps}"
+
+
+@settings(max_examples=10)
+@given(n=st.integers(1, 50), f=st.floats(0.05, 1.0), r=st.floats(0.0, 0.99), P=st.integers(1, 200),
+       k=st.integers(1, 5), b=st.integers(1, 8), t=st.integers(0, 200))
+def test_theory_closed_form_matches_numpy_twin(n, f, r, P, k, b, t):
+    exact = theory.at(theory.closed_form(), n=n, f=f, r=r, P=P, k=k, b=b, t=t)
+    twin = theory.expected_attention([t], n, f, r, theory.uniform_pool(P), k, b)[0]
+    assert math.isclose(exact, twin, rel_tol=1e-9, abs_tol=1e-12), (exact, twin)
+
+
+def test_theory_closed_form_limit():
+    f, n, r = cons.f, cons.n, cons.r
+    assert sp.simplify(theory.closed_form_limit() - f * (1 - r) * n) == 0  # the exact binomial form
+    assert sp.simplify(sp.limit(theory.poisson_form(), cons.t, sp.oo) - f * (1 - r) * n) == 0
+    assert sp.simplify(f * n / theory.closed_form_limit() - 1 / (1 - r)) == 0  # static / consolidating
+    # and numerically: long after the transition the count sits at the floor
+    late = theory.expected_attention([10_000], 2000, 0.05, 0.7, theory.uniform_pool(100), 10, 1)[0]
+    assert math.isclose(late, 0.05 * 0.3 * 2000, rel_tol=1e-9)
+
+
+def test_theory_zipf_gamma_derivation():
+    gamma, C = theory.derive_tail()
+    s = next(x for x in gamma.free_symbols if x.name == "s")
+    assert sp.simplify(gamma - (1 - 1 / s)) == 0
+    assert math.isclose(theory.at(C, s=1.75, k=3, Z=2.0), theory.tail_asymptote(1.0, 1.75, 3, 2.0))
+    assert abs(theory.s_of_gamma(0.43) - 1.754) < 1e-3  # the paper's gamma = 0.43
+    assert math.isclose(theory.gamma_of_s(theory.s_of_gamma(0.43)), 0.43)
+    # the exact expectation over a long pool approaches C M^-gamma (frontier i* from 30 to 300)
+    P, s_, k = 100_000, 2.0, 3
+    p, Z = theory.zipf_pool(P, s_), (np.arange(1, P + 1) ** -s_).sum()
+    M = k * Z * np.array([30.0, 300.0]) ** s_
+    U = (p * cons.binom_cdf_below(k, M[:, None] / 0.5, 0.5 * p)).sum(-1)  # r = 0.5: N = M / r
+    assert np.allclose(U / theory.tail_asymptote(M, s_, k, Z), 1, atol=0.02)
+
+
+@settings(max_examples=15)
+@given(s=st.floats(1.5, 3.0), k=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_theory_zipf_fitted_gamma(s, k, seed):
+    n, f, r, b, P = 200, 0.05, 0.7, 1, 10_000
+    steps = theory.power_law_steps(P, s, k, per_step=r * b * f * n)
+    _, uncons = theory.simulate(n, f, r, theory.zipf_pool(P, s), k, b, steps, replicas=8, seed=seed)
+    fitted = theory.fit_power_law(r * b * f * n * steps, uncons.mean(0))
+    # 0.03: the pool's finite end bends the tail (<= 0.025 at s = 1.5 on the exact expectation)
+    # plus the replicas' noise; gamma = 1/s or s - 1 would miss by more than 0.1 here
+    assert abs(fitted - theory.gamma_of_s(s)) < 0.03, (fitted, theory.gamma_of_s(s))
+
+
+@pytest.mark.parametrize("notebook", ["01_lower_bound.py", "02_consolidation.py", "03_srcd_curves.py"])
+def test_theory_notebook_runs(notebook):
+    env = dict(os.environ, CRAM_NB_SMALL="1", MPLBACKEND="Agg")
+    path = os.path.join(ROOT, "notebooks", notebook)
+    res = subprocess.run([sys.executable, path], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    png = os.path.join(ROOT, "out", "notebooks", notebook.replace(".py", ".png"))
+    assert os.path.getsize(png) > 10_000  # a plot was written

@@ -1,0 +1,153 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+# ---
+
+# %% [markdown]
+# # 01 The static-routing lower bound, checked by brute force
+#
+# Claim (DESIGN.md section 7): a routing scheme whose decisions are fixed before the data's
+# recurrences are seen (*static*) and that answers a fraction 1 - delta of the queries correctly
+# sends at least (1 - delta) f n of a sequence's n tokens to attention, f being the query frequency.
+# With a chance level c for unrouted queries the bound reads (1 - delta - c) / (1 - c) f n.
+#
+# This notebook states the definitions and the proof (they live in `theory/lower_bound.py`),
+# enumerates every static scheme of a small family on instances of up to 12 tokens, and checks
+# that the least attention count reaching the accuracy target is never below the bound and is
+# met, up to rounding, by some scheme. Run as a script: `python notebooks/01_lower_bound.py`
+# (`CRAM_NB_SMALL=1` for the quick version the tests run).
+
+# %%
+import math
+import os
+import sys
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+
+# the repository root holds theory/, whether we run from the root, from notebooks/ or in Jupyter
+HERE = os.path.dirname(os.path.abspath(globals().get("__file__", os.path.join(os.getcwd(), "nb"))))
+ROOT = HERE if os.path.isdir(os.path.join(HERE, "theory")) else os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+import theory
+from theory import lower_bound as sb
+
+SMALL = os.environ.get("CRAM_NB_SMALL") == "1"
+SIZES = [(6, 2), (8, 3)] if SMALL else [(6, 2), (8, 3), (10, 4), (12, 5), (12, 6)]  # (n, q)
+M_SEQS = 4 if SMALL else 8  # sequences per family
+DELTAS = [0.0, 0.25, 0.5]
+CHANCES = [0.0, 0.25]  # c = 0 (an unrouted query is wrong) and c = 1/4 (guessing among 4 values)
+
+# %% [markdown]
+# ## Definitions, theorem and proof
+# The single source is the module docstring; printed here so the notebook reads on its own.
+
+# %%
+print(sb.__doc__)
+
+# %% [markdown]
+# ## One instance
+# A family of m sequences; each has q bind/query pairs placed at random, every query after its
+# binding. `R` marks a recurring key (from the shared pool), `N` a novel one.
+
+# %%
+fam = theory.make_family(n=12, q=5, m=M_SEQS, r=0.7, P=3, seed=0)
+for s in range(min(3, M_SEQS)):
+    row = []
+    for ty, key, rec in zip(fam.types[s], fam.keys[s], fam.recurring[s]):
+        row.append("." if ty == theory.SIGNAL else ("b" if ty == theory.BIND else "Q") + ("R" if rec else "N"))
+    print(" ".join(f"{c:>3}" for c in row))
+print(f"n={fam.n} q={fam.q} f={fam.f:.3f} measured r={fam.r:.2f}")
+
+# %% [markdown]
+# The answer model on this family. At C = {} a query is right only if routed (or by chance c);
+# once the pool is consolidated (C = pool keys) semantic memory answers the recurring queries too.
+
+# %%
+c = 0.25
+pool = range(fam.P)
+everything, nothing = fam.queries, np.zeros_like(fam.queries)
+attn, acc = sb.evaluate(fam, everything, chance=c)
+assert attn == fam.q and acc == 1.0  # route every query: q tokens, all right
+attn, acc = sb.evaluate(fam, nothing, chance=c)
+assert attn == 0 and math.isclose(acc, c)  # route nothing before consolidation: chance only
+attn, acc = sb.evaluate(fam, nothing, consolidated=pool, chance=c)
+assert math.isclose(acc, fam.r + c * (1 - fam.r))  # after it: the recurring share plus chance
+print("answer model checks pass")
+
+# %% [markdown]
+# ## Brute force over every static scheme
+# Every subset of positions (2^n fixed patterns), every token-feature rule (type set x position
+# all / even / odd / below or above a threshold), the counters "first j queries", and an oracle
+# that knows which keys recur. For each (instance, delta, c): the least mean attention count
+# among schemes with accuracy >= 1 - delta at C = {}, next to the bound.
+
+# %%
+rows = []
+print(f"{'n':>3} {'q':>2} {'delta':>5} {'c':>5} {'bound':>6} {'min':>6} {'schemes':>7}  attained by")
+for n, q in SIZES:
+    fam = theory.make_family(n, q, m=M_SEQS, r=0.7, P=3, seed=n + q)
+    for delta in DELTAS:
+        for c in CHANCES:
+            bound = theory.static_bound(n, fam.f, delta, c)
+            least, name, count = theory.brute_force(fam, delta, c)
+            assert least >= bound - sb.TOL, (n, q, delta, c, least, bound)  # never below the bound
+            assert least <= math.ceil(bound - sb.TOL)  # met up to rounding ("first ceil(B) queries")
+            rows.append((n, q, delta, c, bound, least))
+            print(f"{n:>3} {q:>2} {delta:>5.2f} {c:>5.2f} {bound:>6.3f} {least:>6.3f} {count:>7}  {name}")
+print(f"{len(rows)} cases: the brute-force minimum is never below the bound and never above its ceiling")
+
+# %% [markdown]
+# Static schemes pay the same at every training step; the consolidating scheme (route a query iff
+# its key is not consolidated) pays q before consolidation and only the novel queries after it,
+# f (1 - r) n on average.
+
+# %%
+n, q = SIZES[-1]
+fam = theory.make_family(n, q, m=M_SEQS, r=0.7, P=3, seed=1)
+static_least, _, _ = theory.brute_force(fam, 0.0)
+for C, label in [((), "C = {}"), (range(fam.P), "C = pool")]:
+    attn, acc = sb.evaluate(fam, theory.consolidating_route(fam, C), consolidated=C)
+    assert acc == 1.0
+    print(f"{label:9}: consolidating pays {attn:.2f}, static pays {static_least:.2f} (delta = 0)")
+assert math.isclose(attn, q * (1 - fam.r))  # after consolidation: the novel queries only
+assert static_least == q == theory.static_bound(n, fam.f, 0.0)
+
+# %% [markdown]
+# ## Plot: every static scheme against the bound
+# Left: each enumerated scheme of one instance as a point (attention count, accuracy at C = {});
+# the theorem says no point lies left of the line attention = q (acc - c) / (1 - c).
+# Right: the brute-force minimum against the bound over all cases of the table.
+
+# %%
+n, q = SIZES[-1]
+fam, c = theory.make_family(n, q, m=M_SEQS, r=0.7, P=3, seed=n + q), 0.25
+_, routes = sb.static_schemes(fam)
+attn, acc = sb.evaluate(fam, routes, chance=c)
+assert (attn >= q * (acc - c) / (1 - c) - sb.TOL).all()  # the theorem, scheme by scheme
+
+fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4.2))
+ax0.scatter(attn, acc, s=6, alpha=0.3, label=f"{len(attn)} static schemes")
+a = np.linspace(0, q, 50)
+ax0.plot(a, c + (1 - c) * a / q, "r-", label="bound: acc = c + (1-c) attn / q")
+ax0.set(xlabel="attention count per sequence", ylabel="accuracy at C = {}",
+        title=f"n={n}, q={q}, c={c}: no scheme above the line")
+ax0.legend(loc="lower right")
+b, least = np.array([r[4] for r in rows]), np.array([r[5] for r in rows])
+ax1.plot([0, b.max()], [0, b.max()], "r-", label="min = bound")
+ax1.plot(np.sort(b), np.ceil(np.sort(b) - sb.TOL), "k:", label="min = ceil(bound)")
+ax1.scatter(b, least, zorder=3, label="brute-force minimum")
+ax1.set(xlabel="bound (1-delta-c)/(1-c) f n", ylabel="least attention count reaching 1-delta",
+        title="bound <= brute-force min <= ceil(bound)")
+ax1.legend()
+fig.tight_layout()
+os.makedirs(os.path.join(ROOT, "out", "notebooks"), exist_ok=True)
+fig.savefig(os.path.join(ROOT, "out", "notebooks", "01_lower_bound.png"), dpi=120)
+if matplotlib.get_backend().lower() != "agg":
+    plt.show()

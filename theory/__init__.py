@@ -1,0 +1,22 @@
+"""theory: the static-routing lower bound and the consolidation curve, as code that the notebooks
+(notebooks/01_lower_bound.py .. 03_srcd_curves.py) and the tests both call.
+
+One idea per file:
+  instances.py      a task instance: n tokens, q = f n queries, recurring (pool) vs novel bindings
+  lower_bound.py    static vs consolidating schemes, the theorem and its proof, the brute force
+  consolidation.py  a learner that consolidates a pattern after k exposures: closed form, simulation
+  zipf.py           why attention falls as a power law: a Zipf(s) pool gives gamma = 1 - 1/s
+  srcd_fit.py       a training run's metrics against the theory: floor, expected curve, fitted gamma
+
+Glossary (code -> DESIGN.md section 7):
+  n  tokens per sequence        f  query frequency, q = f n   r  recurring share of queries
+  P  pool size                  k  exposures to consolidate   b  sequences per training step
+  t  training step              delta  allowed error          c  chance accuracy of an unrouted query
+  C  consolidated keys          s  Zipf exponent of the pool  gamma  power-law exponent, attention vs t
+"""
+from .instances import BIND, QUERY, SIGNAL, Family, make_family
+from .lower_bound import brute_force, consolidating_route, evaluate, static_bound, static_schemes
+from .consolidation import (at, closed_form, closed_form_limit, expected_attention, poisson_form,
+                            simulate, uniform_pool, z_scores)
+from .zipf import (derive_tail, fit_power_law, frontier, gamma_of_s, power_law_steps, s_of_gamma,
+                   tail_asymptote, zipf_pool)

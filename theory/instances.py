@@ -1,0 +1,69 @@
+"""A task instance: SRCD (DESIGN.md section 5) cut down to sizes small enough to enumerate.
+
+A sequence has n tokens of three types: SIGNAL (the continuous dynamics), BIND (shows a key and
+its value) and QUERY (shows a key bound earlier in the same sequence and asks for its value).
+Every sequence has exactly q queries, so the query frequency is f = q / n. Each binding's key is
+*recurring* with probability r (drawn from a pool of P keys shared by all sequences, always with
+the same value) or *novel* (fresh, never seen in any other sequence). A family is m equally likely
+sequences; accuracies and attention counts are averages over it.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+SIGNAL, BIND, QUERY = 0, 1, 2
+TYPE_NAMES = {SIGNAL: "signal", BIND: "bind", QUERY: "query"}
+
+
+@dataclass(frozen=True)
+class Family:
+    types: np.ndarray      # (m, n) int: SIGNAL, BIND or QUERY
+    keys: np.ndarray       # (m, n) int: key id on BIND and QUERY tokens, -1 on SIGNAL; ids < P are the pool
+    recurring: np.ndarray  # (m, n) bool: this token's key comes from the shared pool
+    P: int                 # pool size
+
+    @property
+    def n(self): return self.types.shape[1]
+
+    @property
+    def q(self): return int((self.types[0] == QUERY).sum())  # the same in every sequence
+
+    @property
+    def f(self): return self.q / self.n
+
+    @property
+    def queries(self): return self.types == QUERY  # (m, n) bool
+
+    @property
+    def r(self):
+        """Measured recurring share among the family's queries (the sampling probability is r)."""
+        return float(self.recurring[self.queries].mean())
+
+
+def sample_sequence(rng, n, q, r, P, novel_base):
+    """One sequence: q bind/query pairs at random positions, every query after its own binding."""
+    assert 2 * q <= n, f"q={q} bind/query pairs do not fit in n={n} tokens"
+    pos = np.sort(rng.choice(n, 2 * q, replace=False))
+    while True:  # a uniform ballot order (never more queries than bindings so far); accepts w.p. 1/(q+1)
+        order = rng.permutation([BIND] * q + [QUERY] * q)
+        if (np.cumsum(np.where(order == BIND, 1, -1)) >= 0).all():
+            break
+    types, keys, rec = np.full(n, SIGNAL), np.full(n, -1), np.zeros(n, bool)
+    unqueried = []  # bindings whose query has not come yet
+    for i, kind in zip(pos, order):
+        types[i] = kind
+        if kind == BIND:
+            rec[i] = rng.random() < r
+            keys[i] = rng.integers(P) if rec[i] else novel_base + i  # novel ids are unique in the family
+            unqueried.append(i)
+        else:
+            j = unqueried.pop(rng.integers(len(unqueried)))
+            keys[i], rec[i] = keys[j], rec[j]
+    return types, keys, rec
+
+
+def make_family(n, q, m, r=0.7, P=4, seed=0):
+    """m sequences of n tokens with q queries each; keys recur from a pool of P with probability r."""
+    rng = np.random.default_rng(seed)
+    seqs = [sample_sequence(rng, n, q, r, P, novel_base=P + s * n) for s in range(m)]
+    return Family(*(np.stack(a) for a in zip(*seqs)), P=P)

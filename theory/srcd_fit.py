@@ -1,0 +1,77 @@
+"""A CRAM training run read against the theory: SRCD's settings as the theory's parameters, the
+consolidation threshold k fitted to the measured curve, and the power-law exponent gamma.
+
+The generator (train.SRCD) puts Q = max(1, round(srcd_query n)) queries in each length-n sequence,
+round(srcd_recurring Q) of them recurring, their keys drawn uniformly from a pool of P = srcd_pool
+patterns. So the theory's parameters are n = srcd_len, f = Q / n and r = recurring / Q (the rounded
+counts, not the nominal ratios), a uniform pool of P, b = batch_size, and its floor f (1 - r) n / n
+is the share of tokens that are novel queries, train.SRCD.floor. One difference: a pattern appears
+at most once per sequence (drawn without replacement), the theory draws with replacement; the mean
+exposures, r b f n / P per step, are the same, the spread a little smaller.
+"""
+import json
+import os
+
+import numpy as np
+
+from . import consolidation as cons
+from . import zipf
+
+
+def read_run(run_dir):
+    """-> (eval rows sorted by step, one per step, the last written winning; the run's settings;
+    summary.json or None). The settings come from summary.json, or, for a run still going, from
+    its checkpoint."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+        rows = {r["step"]: r for r in map(json.loads, filter(str.strip, fh)) if r["kind"] == "eval"}
+    summary, path = None, os.path.join(run_dir, "summary.json")
+    if os.path.exists(path):
+        with open(path) as fh:
+            summary = json.load(fh)
+        run = summary["config"]["run"]
+    else:
+        import torch
+        run = torch.load(os.path.join(run_dir, "ckpt.pt"), map_location="cpu", weights_only=False)["run"]
+    return [rows[s] for s in sorted(rows)], run, summary
+
+
+def srcd_params(run):
+    """The theory's (n_, f_, r_, p, b_) for expected_attention, from a run's settings."""
+    n = run["srcd_len"]
+    Q = max(1, round(run["srcd_query"] * n))
+    return dict(n_=n, f_=Q / n, r_=round(run["srcd_recurring"] * Q) / Q,
+                p=cons.uniform_pool(run["srcd_pool"]), b_=run["batch_size"])
+
+
+def floor(prm):
+    return prm["f_"] * (1 - prm["r_"])
+
+
+def unconsolidated(steps, k, prm):
+    """Share of recurring queries still on attention at each step: sum_i p_i P(Bin(N_t, r p_i) < k)."""
+    N_t = np.round(np.asarray(steps, float)[:, None] * prm["b_"] * prm["f_"] * prm["n_"])  # a count
+    return (prm["p"] * cons.binom_cdf_below(k, N_t, prm["r_"] * prm["p"])).sum(-1)
+
+
+def attention(steps, k, prm):
+    """Expected share of tokens on attention, f [(1 - r) + r unconsolidated]: expected_attention / n."""
+    return prm["f_"] * ((1 - prm["r_"]) + prm["r_"] * unconsolidated(steps, k, prm))
+
+
+def fit_k(steps, measured, prm, num=60):
+    """k by least squares of unconsolidated() against the measured share, over a geometric grid of
+    integers up to twice the mean exposures a pattern has had by the last step (larger k keep the
+    curve at 1 throughout). -> (k, lo, hi): the best k and the grid range within 10% of its error."""
+    exposures = prm["r_"] * prm["b_"] * prm["f_"] * prm["n_"] * prm["p"].max() * max(steps)
+    grid = np.unique(np.geomspace(1, 2 * exposures + 2, num).round().astype(int))
+    sse = np.array([((unconsolidated(steps, k, prm) - measured) ** 2).sum() for k in grid])
+    ok = grid[sse <= 1.1 * sse.min() + 1e-9]
+    return int(grid[sse.argmin()]), int(ok.min()), int(ok.max())
+
+
+def fit_gamma(steps, excess, start=0):
+    """gamma, the log-log slope of excess = attention - floor against the step, over steps >= start
+    (and >= 1) where the excess is positive. -> (gamma, mask); gamma is nan below 3 usable points."""
+    steps, excess = np.asarray(steps, float), np.asarray(excess, float)
+    mask = (steps >= max(start, 1)) & np.isfinite(excess) & (excess > 0)
+    return (zipf.fit_power_law(steps[mask], excess[mask]) if mask.sum() >= 3 else float("nan")), mask
