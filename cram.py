@@ -13,7 +13,8 @@ EpisodicMemory, SemanticMemory; Router; Block; CRAM (embedding, layers, heads, l
 
 Glossary, code name -> paper symbol -> DESIGN.md:
     dt, dtau       dtau_t, the time gap since the previous observation        (sec. 3)
-    CTRNNMemory    h^(k+1) = h^(k) + dt sigmoid(W_tau log(1+dtau)) tanh(W1 h + W2 x)  (sec. 3)
+    CTRNNMemory    h^(k+1) = h^(k) + (1/K) sigmoid(W_tau log(1+dtau)) tanh(W1 h + W2 x)  (sec. 3;
+                   the paper's inner Euler step "dt" is 1/K here)
     GatedCTMemory  h_t = a_t h_{t-1} + (1 - a_t) u_t, a_t = exp(-dtau_t lambda_t)   (sec. 4.4)
     r_E            episodic (attention) output at a token                     (sec. 3)
     f_sem          semantic memory, SemanticMemory                            (sec. 3)
@@ -104,9 +105,9 @@ class CramConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Plain PyTorch twins of the kernels. kernel.py has the Triton versions with the same signatures.
+# Plain PyTorch twins of the kernels; the Triton versions (kernel.py, to come) keep these signatures.
 
-attention_work = Counter()  # what routed_attention computed: "calls", "queries", "scores"
+attention_work = Counter()  # what routed_attention computed: "queries", "scores"
 
 
 def routed_attention(q, k, v, b_idx, t_idx, window):
@@ -118,7 +119,6 @@ def routed_attention(q, k, v, b_idx, t_idx, window):
     for routed queries, against the key range their batch row needs.
     """
     M, H, D = q.shape
-    attention_work["calls"] += 1
     attention_work["queries"] += M
     if M == 0:
         return q.new_zeros(0, H, D)
@@ -187,8 +187,8 @@ class GatedCTMemory(nn.Module):
         a_t = exp(-dtau_t lambda_t),  h_t = a_t h_{t-1} + (1 - a_t) u_t,  y_t = W_o (h_t * silu(g_t))
     with lambda_t = softplus(W_l x_t + b_l) > 0. Why not the paper's update (CTRNNMemory): that one
     is a nonlinear RNN, a Python loop over T (times K Euler steps) that is too slow to train on a
-    CPU; this one is linear in h, so it runs as a chunked parallel scan and trains about an order
-    of magnitude faster at equal width, while keeping the time gap in the decay.
+    CPU; this one is linear in h, so it runs as a chunked parallel scan in O(log T) parallel steps,
+    while keeping the time gap in the decay.
     """
 
     def __init__(self, cfg):
@@ -231,7 +231,7 @@ class CTRNNMemory(nn.Module):
             h = h + rate * torch.tanh(self.W1(h) + drive) / self.K
         return h
 
-    def forward(self, x, dt, scan=None):
+    def forward(self, x, dt):
         h, out = x.new_zeros(x.shape[0], x.shape[2]), []
         for t in range(x.shape[1]):
             h = self.step(h, x[:, t], dt[:, t])
@@ -369,7 +369,7 @@ class Block(nn.Module):
 
         # consolidation: f_sem -> sg(r_E) where attention ran; the q-head learns q there
         terms = dict(consol=u.new_zeros(()), qhead=u.new_zeros(()))
-        if len(b_idx) and mode != "static":
+        if len(b_idx) > 1 and mode != "static":  # q needs the spread of r_E over >= 2 tokens
             # errors relative to the spread of r_E: early on attention's outputs are near zero,
             # and an absolute error would call that trivially "consolidated" (q ~ 1 everywhere)
             r = r_E.detach()

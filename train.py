@@ -92,6 +92,11 @@ def parse_args(argv):
         if type(value) is not want:
             raise ConfigError(f"--{key}={text}: expected {want.__name__}, got {type(value).__name__}")
         (run if key in DEFAULTS else model)[key] = value
+    for key in ("max_iters", "batch_size", "log_interval", "eval_interval", "eval_batches", "ckpt_interval"):
+        if run[key] < 1:
+            raise ConfigError(f"--{key}={run[key]}: expected a positive int")
+    if run["stop_iter"] == 0 or run["stop_iter"] < -1:
+        raise ConfigError(f"--stop_iter={run['stop_iter']}: expected -1 (never) or a positive step")
     return run, model
 
 
@@ -225,12 +230,12 @@ def accuracy(logits, targets, cls):
 
 
 @torch.no_grad()
-def evaluate(model, batches):
+def evaluate(model, batches, router_mode=None):
     """Mean of loss terms, accuracy and routing statistics over the fixed eval batches."""
     model.eval()
     rows = []
     for batch in batches:
-        out = model(**batch)
+        out = model(**batch, router_mode=router_mode)
         rows.append({**out["terms"], **accuracy(out["logits"], batch["targets"], batch["token_class"]),
                      **out["stats"]})
     model.train()
@@ -260,7 +265,8 @@ def load_checkpoint(path):
         raise ConfigError(f"no checkpoint at {path}: run without --resume to start a new run")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        assert {"model", "optimizer", "model_args", "step", "rng", "run"} <= set(ckpt)
+        if not {"model", "optimizer", "model_args", "step", "rng", "run"} <= set(ckpt):
+            raise KeyError("missing entries")
     except Exception as e:
         raise ConfigError(f"checkpoint {path} is unreadable ({type(e).__name__}): delete it or choose another --out_dir")
     return ckpt
@@ -272,7 +278,11 @@ def main(argv):
     dev = pick_device(c.device)
     if c.threads > 0:
         torch.set_num_threads(c.threads)
-    os.makedirs(c.out_dir, exist_ok=True)
+    try:
+        os.makedirs(c.out_dir, exist_ok=True)
+        open(os.path.join(c.out_dir, "log.txt"), "a").close()
+    except OSError as e:
+        raise ConfigError(f"--out_dir={c.out_dir} is not a writable folder ({e.strerror})")
     ckpt_path = os.path.join(c.out_dir, "ckpt.pt")
     metrics_path = os.path.join(c.out_dir, "metrics.jsonl")
     ckpt = None
@@ -301,14 +311,19 @@ def main(argv):
         opt.load_state_dict(ckpt["optimizer"])
         step, peak, wall = ckpt["step"], ckpt["attn_frac_peak"], ckpt["wall_seconds"]
         torch.set_rng_state(ckpt["rng"]["torch"])
+        if ckpt["rng"]["cuda"] is not None and dev.startswith("cuda"):
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         rng.bit_generator.state = ckpt["rng"]["numpy"]
-        if os.path.exists(metrics_path):  # drop lines the interrupted run wrote after its checkpoint
+        if os.path.exists(metrics_path):  # drop what the interrupted run wrote after its checkpoint
             with open(metrics_path) as f:
-                kept = [l for l in f if json.loads(l)["step"] < step]
+                rows = [json.loads(l) for l in f]
             with open(metrics_path, "w") as f:
-                f.writelines(kept)
-    elif os.path.exists(metrics_path):
-        os.remove(metrics_path)
+                f.writelines(json.dumps(r) + "\n" for r in rows
+                             if r["step"] < step or (r["kind"] == "train" and r["step"] == step))
+    else:
+        for name in ("metrics.jsonl", "log.txt"):
+            if os.path.exists(os.path.join(c.out_dir, name)):
+                os.remove(os.path.join(c.out_dir, name))
 
     def say(line, record=None):
         print(line, flush=True)
@@ -327,14 +342,16 @@ def main(argv):
         save_checkpoint(ckpt_path, dict(
             model=model.state_dict(), optimizer=opt.state_dict(), model_args=asdict(mcfg), run=run,
             step=at, attn_frac_peak=peak, wall_seconds=wall + time.time() - t_start,
-            rng=dict(torch=torch.get_rng_state(), numpy=rng.bit_generator.state)))
+            rng=dict(torch=torch.get_rng_state(), numpy=rng.bit_generator.state,
+                     cuda=torch.cuda.get_rng_state_all() if dev.startswith("cuda") else None)))
 
     t_start, t_last, acc_ms = time.time(), time.time(), []
     last = min(c.max_iters, c.stop_iter) if c.stop_iter >= 0 else c.max_iters
     while step < last:
+        warm = step < c.attn_warmup and mcfg.router_mode in ("learned", "static")
         if step % c.eval_interval == 0:
-            m = evaluate(model, eval_set)
-            if step >= c.attn_warmup:  # the peak counts only steps where the router was free
+            m = evaluate(model, eval_set, "always" if warm else None)
+            if not warm:  # the peak counts only steps where the router was free
                 peak = max(peak, m["attn_frac"])
             say(f"eval {step} | acc {m['acc']:.4f} (rec {m.get('acc_recurring', 0):.4f} nov {m.get('acc_novel', 0):.4f}) "
                 f"| attn {100 * m['attn_frac']:.2f}% (peak {100 * peak:.1f}%) | dyn mse {m['mse']:.4f}",
@@ -342,7 +359,6 @@ def main(argv):
         for group in opt.param_groups:
             group["lr"] = get_lr(c, step)
         batch = data.batch(c.batch_size, rng, dev)
-        warm = step < c.attn_warmup and mcfg.router_mode in ("learned", "static")
         tau = router_tau(mcfg, (step - c.attn_warmup) / max(1, c.max_iters - c.attn_warmup))
         out = model(**batch, tau=tau, router_mode="always" if warm else None)
         opt.zero_grad(set_to_none=True)
@@ -353,7 +369,7 @@ def main(argv):
         step += 1
         acc_ms.append(1000 * (time.time() - t_last))
         t_last = time.time()
-        if step % c.log_interval == 0 or step == last:
+        if step % c.log_interval == 0 or step == c.max_iters:
             m = dict(loss=out["loss"].item(), **out["terms"], **out["stats"],
                      **accuracy(out["logits"], batch["targets"], batch["token_class"]))
             ms = float(np.median(acc_ms))
@@ -367,7 +383,8 @@ def main(argv):
         return None
 
     m = evaluate(model, eval_set)
-    peak = max(peak, m["attn_frac"])
+    if c.max_iters > c.attn_warmup:
+        peak = max(peak, m["attn_frac"])
     summary = dict(retrieval_acc=m["acc"], acc_recurring=m.get("acc_recurring"), acc_novel=m.get("acc_novel"),
                    attn_frac=m["attn_frac"], attn_frac_peak=peak, attn_floor=data.floor,
                    attn_recurring=m.get("attn_recurring"), attn_novel=m.get("attn_novel"),
