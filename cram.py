@@ -67,7 +67,7 @@ class CramConfig:
     w_consol: float = 1.0    #   consolidation ||f_sem - sg(r_E)||^2,
     w_qhead: float = 0.1     #   q-head BCE toward sg(q),
     w_compute: float = 0.5   #   compute penalty on the router's attention probability
-    penalty_q: bool = False  # charge the penalty in proportion to q_hat (see Router.penalty)
+    penalty_q: bool = False  # charge the penalty in proportion to q_hat (Block.forward)
     dropout: float = 0.0
 
     def __post_init__(self):
