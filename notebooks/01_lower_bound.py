@@ -26,7 +26,6 @@ import math
 import os
 import sys
 
-import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -147,7 +146,6 @@ ax1.set(xlabel="bound (1-delta-c)/(1-c) f n", ylabel="least attention count reac
         title="bound <= brute-force min <= ceil(bound)")
 ax1.legend()
 fig.tight_layout()
-os.makedirs(os.path.join(ROOT, "out", "notebooks"), exist_ok=True)
-fig.savefig(os.path.join(ROOT, "out", "notebooks", "01_lower_bound.png"), dpi=120)
-if matplotlib.get_backend().lower() != "agg":
-    plt.show()
+from theory.figures import save_figure  # noqa: E402
+
+save_figure(fig, "01_lower_bound")

@@ -23,7 +23,6 @@ import math
 import os
 import sys
 
-import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import sympy as sp
@@ -204,7 +203,6 @@ ax2.axhline(1 / (1 - r), color="k", ls=":", label=f"1 / (1 - r) = {1 / (1 - r):.
 ax2.set(xscale="log", xlabel="training step t", ylabel="static / consolidating attention")
 ax2.legend(fontsize=8)
 fig.tight_layout()
-os.makedirs(os.path.join(ROOT, "out", "notebooks"), exist_ok=True)
-fig.savefig(os.path.join(ROOT, "out", "notebooks", "02_consolidation.png"), dpi=120)
-if matplotlib.get_backend().lower() != "agg":
-    plt.show()
+from theory.figures import save_figure  # noqa: E402
+
+save_figure(fig, "02_consolidation")

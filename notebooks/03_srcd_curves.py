@@ -33,7 +33,6 @@ import math
 import os
 import sys
 
-import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -190,7 +189,6 @@ ax2.set(xlabel="training step", ylabel="attention above the floor",
         title="gamma: " + (f"{gamma:.2f}" if np.isfinite(gamma) else "too few points"))
 ax2.legend(fontsize=8)
 fig.tight_layout()
-os.makedirs(os.path.join(ROOT, "out", "notebooks"), exist_ok=True)
-fig.savefig(os.path.join(ROOT, "out", "notebooks", "03_srcd_curves.png"), dpi=120)
-if matplotlib.get_backend().lower() != "agg":
-    plt.show()
+from theory.figures import save_figure  # noqa: E402
+
+save_figure(fig, "03_srcd_curves")

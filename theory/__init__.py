@@ -6,6 +6,7 @@ One idea per file:
   lower_bound.py    static vs consolidating schemes, the theorem and its proof, the brute force
   consolidation.py  a learner that consolidates a pattern after k exposures: closed form, simulation
   zipf.py           why attention falls as a power law: a Zipf(s) pool gives gamma = 1 - 1/s
+  figures.py        where the notebooks save their plots
   srcd_fit.py       a training run's metrics against the theory: floor, expected curve, fitted gamma
 
 Glossary (code -> DESIGN.md section 7):
