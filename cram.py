@@ -67,7 +67,9 @@ class CramConfig:
     w_consol: float = 1.0    #   consolidation ||f_sem - sg(r_E)||^2,
     w_qhead: float = 0.1     #   q-head BCE toward sg(q),
     w_compute: float = 0.5   #   compute penalty on the router's attention probability
-    penalty_q: bool = False  # charge the penalty in proportion to q_hat (Block.forward)
+    attn_prior: float = 0.9  # the router's initial probability of E: attention use starts high
+    penalty_q: bool = True   # charge the penalty in proportion to q_hat, so retrievals the
+                             # semantic memory cannot answer are never pushed off attention
     dropout: float = 0.0
 
     def __post_init__(self):
@@ -93,6 +95,7 @@ class CramConfig:
             ("tau_end", self.tau_end > 0, "> 0"),
             ("sigma2", self.sigma2 > 0, "> 0"),
             ("spot_check", 0 <= self.spot_check <= 1, "in [0, 1]"),
+            ("attn_prior", 0 < self.attn_prior < 1, "in (0, 1)"),
             ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
         ] + [(w, getattr(self, w) >= 0, ">= 0") for w in ("w_pred", "w_consol", "w_qhead", "w_compute")]
         for name, ok, want in checks:
@@ -197,8 +200,6 @@ class GatedCTMemory(nn.Module):
         self.in_proj = nn.Linear(d, 3 * d)
         self.out_proj = nn.Linear(d, d)
         self.chunk = cfg.wm_chunk
-        with torch.no_grad():  # rates spread from slow to fast channels, as in S4/Mamba inits
-            self.in_proj.bias[d:2 * d] = torch.linspace(-4, 2, d)
 
     def forward(self, x, dt, scan=None):
         """x: (B, T, d), dt: (B, T) gaps -> (B, T, d). scan: override the scan (tests)."""
@@ -288,8 +289,7 @@ class Router(nn.Module):
         super().__init__()
         self.q_head = nn.Linear(cfg.n_embd, 1)
         self.logits = nn.Linear(cfg.n_embd + 1, 3)
-        with torch.no_grad():
-            self.q_head.bias.fill_(-2.0)  # start by assuming nothing is consolidated (q_hat ~ 0.12)
+        self.attn_prior = cfg.attn_prior
 
     def forward(self, u, use_q=True):
         """u: (B, T, d) -> logits (B, T, 3), q_hat (B, T)."""
@@ -401,13 +401,28 @@ class CRAM(nn.Module):
 
     @staticmethod
     def _init(m):
+        """nanoGPT's init, then the tiers' own; apply() visits a module after its children."""
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            # zero biases: PyTorch's default U(+-1/sqrt(fan_in)) on cont_proj (fan_in 2) is a
+            # constant vector 10x larger than the token embeddings, which then drowns the key in
+            # every attention score and stalls retrieval
+            nn.init.zeros_(m.bias)
+        if isinstance(m, GatedCTMemory):  # rates spread from slow to fast channels (S4/Mamba)
+            d = m.out_proj.weight.shape[0]
+            with torch.no_grad():
+                m.in_proj.bias[d:2 * d] = torch.linspace(-4, 2, d)
+        if isinstance(m, Router):  # start by assuming nothing is consolidated (q_hat ~ 0.12)
+            nn.init.constant_(m.q_head.bias, -2.0)
+            p = m.attn_prior  # softmax(0, b, 0)[E] = p  <=>  b = log(2p / (1 - p))
+            nn.init.constant_(m.logits.bias[E], math.log(2 * p / (1 - p)))
         if isinstance(m, EpisodicMemory):
             # W_q = W_k at init, std 1/sqrt(d): a repeated key then scores ||W_q u||^2 against its
-            # binding from the first step, instead of ~0 like every other key. Retrieval otherwise
-            # sits on a long plateau (SRCD N=128, forced attention, one seed: novel-query accuracy
-            # at step 400 was 0.01 with the 0.02 init, 0.26 with std 1/sqrt(d), 0.38 tied).
+            # binding from the first step, instead of ~0 like every other key. At init on SRCD a
+            # query puts 3-4x the uniform weight on its binding (1.1x untied, 1.0x with PyTorch's
+            # default biases; test_at_init_a_query_attends_to_the_binding_of_its_key), and forced
+            # attention at N=512 retrieves novel keys at 99% by step 200 (it was 3% at step 500).
             d = m.q_proj.weight.shape[1]
             nn.init.normal_(m.q_proj.weight, std=d ** -0.5)
             with torch.no_grad():

@@ -42,10 +42,9 @@ log_interval = 50
 eval_interval = 250
 eval_batches = 4         # eval sequences = eval_batches * batch_size, the same every eval
 ckpt_interval = 500
-attn_warmup = 300        # steps with attention forced on every token before the router is free:
-                         # attention learns in-context retrieval slower than the MLPs memorise the
-                         # recurring pool, and a router freed too early routes queries away from an
-                         # attention that cannot yet answer them (DESIGN.md sec. 5)
+attn_warmup = 0          # steps with attention forced on every token before the router is free;
+                         # the default router needs none (cram.py: attn_prior, penalty_q); kept for
+                         # the flat penalty (--penalty_q=False), run with 500 in DESIGN.md sec. 5
 # ---- SRCD (DESIGN.md sec. 5); the paper's generator uses srcd_len = 2048 ------------------
 srcd_len = 512
 srcd_query = 0.05        # share of positions that are queries
@@ -253,6 +252,15 @@ def log_line(step, m, ms, tok_s):
             f"{ms:.0f} ms | {tok_s / 1000:.1f}k tok/s")
 
 
+def eval_line(step, m, peak):
+    """The consolidation at a glance: accuracy and attention use per query class, and q_hat."""
+    g = lambda k: m.get(k, float("nan"))
+    return (f"eval {step} | acc {m['acc']:.4f} (rec {g('acc_recurring'):.4f} nov {g('acc_novel'):.4f}) | "
+            f"attn {100 * m['attn_frac']:.2f}% (rec {100 * g('attn_recurring'):.1f}% nov {100 * g('attn_novel'):.1f}% "
+            f"other {100 * g('attn_other'):.2f}%; peak {100 * peak:.1f}%) | "
+            f"q rec {g('q_recurring'):.2f} nov {g('q_novel'):.2f} | dyn mse {m['mse']:.4f}")
+
+
 def save_checkpoint(path, state):
     """Write to a temporary file, then rename: a kill never leaves a torn checkpoint."""
     tmp = path + ".tmp"
@@ -353,9 +361,7 @@ def main(argv):
             m = evaluate(model, eval_set, "always" if warm else None)
             if not warm:  # the peak counts only steps where the router was free
                 peak = max(peak, m["attn_frac"])
-            say(f"eval {step} | acc {m['acc']:.4f} (rec {m.get('acc_recurring', 0):.4f} nov {m.get('acc_novel', 0):.4f}) "
-                f"| attn {100 * m['attn_frac']:.2f}% (peak {100 * peak:.1f}%) | dyn mse {m['mse']:.4f}",
-                dict(kind="eval", step=step, **m))
+            say(eval_line(step, m, peak), dict(kind="eval", step=step, **m))
         for group in opt.param_groups:
             group["lr"] = get_lr(c, step)
         batch = data.batch(c.batch_size, rng, dev)
@@ -391,8 +397,7 @@ def main(argv):
                    attn_other=m.get("attn_other"), sem_frac=m["sem_frac"], dynamics_mse=m["mse"],
                    steps=step, wall_seconds=round(wall + time.time() - t_start, 1),
                    config=dict(run=run, model=asdict(mcfg)))
-    say(f"eval {step} | acc {m['acc']:.4f} | attn {100 * m['attn_frac']:.2f}% | dyn mse {m['mse']:.4f}",
-        dict(kind="eval", step=step, **m))
+    say(eval_line(step, m, peak), dict(kind="eval", step=step, **m))
     with open(os.path.join(c.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
