@@ -55,6 +55,7 @@ class CramConfig:
     sem_rank: int = 0        # semantic memory rank; 0 means d/16 as in the paper
     wm_kind: str = "gated"   # "gated": chunked-scan linear recurrence; "ctrnn": the paper's update
     wm_chunk: int = 16       # chunk length of the parallel scan
+    use_kernel: bool = True  # on CUDA, kernel.py's Triton routed attention; False: the twin here
     ctrnn_steps: int = 2     # K, Euler steps per token of the paper's update
     router_mode: str = "learned"
     fixed_every: int = 16    # router_mode="fixed": attention on every k-th token
@@ -249,7 +250,7 @@ class EpisodicMemory(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.n_head, self.window = cfg.n_head, cfg.window
+        self.n_head, self.window, self.use_kernel = cfg.n_head, cfg.window, cfg.use_kernel
         self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.kv_proj = nn.Linear(cfg.n_embd, 2 * cfg.n_embd)
         self.out_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
@@ -260,7 +261,10 @@ class EpisodicMemory(nn.Module):
         H = self.n_head
         k, v = self.kv_proj(u).view(B, T, 2, H, d // H).permute(2, 0, 3, 1, 4)  # (B, H, T, D) each
         q = self.q_proj(u[b_idx, t_idx]).view(-1, H, d // H)                     # (M, H, D)
-        y = routed_attention(q, k, v, b_idx, t_idx, self.window)                  # (M, H, D)
+        attend = routed_attention
+        if u.is_cuda and self.use_kernel:
+            from kernel import routed_attention as attend  # Triton: imported only where it runs
+        y = attend(q, k, v, b_idx, t_idx, self.window)                            # (M, H, D)
         return self.out_proj(y.reshape(-1, d))
 
 

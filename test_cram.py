@@ -2,10 +2,15 @@
 
 Errors are measured as relative RMS, ||a - b|| / ||b||, with the tensor's name in the message;
 fp32 on CPU throughout, so 1e-5 leaves room for reordered sums and nothing more.
+
+kernel.py's Triton kernels run on the CPU under the Triton interpreter (TRITON_INTERPRET=1, set
+below before anything imports triton), in fp32, against their PyTorch twins in cram.py.
 """
 import json
 import math
 import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported, by kernel or anything else
 import subprocess
 import sys
 
@@ -20,6 +25,11 @@ import cram
 import theory
 import train
 from cram import CRAM, ConfigError, CramConfig
+
+try:
+    import kernel
+except ImportError:  # no triton (it has wheels for Linux only): the kernel tests are skipped
+    kernel = None
 from theory import consolidation as cons
 from theory import lower_bound as lb
 
@@ -30,9 +40,14 @@ FP32_TOL = 1e-5
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def rel_rms(a, b, name):
-    err = (a - b).norm() / b.norm().clamp_min(1e-12)
-    assert err < FP32_TOL, f"{name}: relative RMS error {err:.2e} >= {FP32_TOL}"
+def rel_rms(a, b, name, tol=FP32_TOL, floor=1e-12):
+    """||a - b|| / max(||b||, floor) < tol. The floor is for references that are zero in exact
+    arithmetic: dq of a query that sees one key (softmax of one score is constant) comes out of
+    dense SDPA and of the kernel as ~1e-7 rounding noise, so relative to itself it is meaningless."""
+    assert a.shape == b.shape, f"{name}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+    assert torch.isfinite(a).all(), f"{name}: non-finite values (an unwritten element?)"
+    err = (a.float() - b.float()).norm() / b.float().norm().clamp_min(floor)
+    assert err < tol, f"{name}: relative RMS error {err:.2e} >= {tol}"
 
 
 def tiny_config(**kw):
@@ -436,6 +451,298 @@ def test_command_line_error_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "train.py", "--max_iters=x", f"--out_dir={tmp_path}"],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:")
+
+
+# ---- kernel.py (Triton, under the interpreter) ---------------------------------------------------
+#
+# Compared with its twin cram.routed_attention and with dense causal-windowed SDPA restricted to
+# the routed rows: outputs and the gradients dq, dk, dv. Every buffer the kernel must fill starts
+# as NaN, so a row or key it forgets to write fails the comparison instead of passing as zeros.
+
+needs_triton = pytest.mark.skipif(kernel is None, reason="triton is not installed (Linux only)")
+if kernel is not None:
+    kernel.empty = lambda *shape, **kw: torch.full(shape, math.nan, **kw)
+# fp16 inputs, and P, dS rounded to fp16 before their matmuls as on a GPU: unit roundoff 2^-11 =
+# 4.9e-4 per element, a few of them in a relative RMS; measured ~4e-4
+FP16_TOL = 2e-3
+
+
+def dense_rows(q, k, v, b, t, window):
+    """Reference: full causal windowed softmax over all (B, H, T, D) queries, then the routed rows."""
+    return dense_attention(q, k, v, window)[b, :, t]
+
+
+def make_inputs(B, H, T, D, seed, dtype=torch.float32):
+    """q (B, H, T, D) and k, v as EpisodicMemory makes them: strided views of one (B, T, 2, H, D)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, T, D, generator=g).to(dtype).requires_grad_()
+    kv = torch.randn(B, T, 2, H, D, generator=g).to(dtype).requires_grad_()
+    k, v = kv.permute(2, 0, 3, 1, 4)
+    return q, kv, k, v
+
+
+def check(B, H, T, D, window, routed, seed=0, attn=None):
+    """Kernel vs twin vs dense on the routed (B, T) mask: outputs and dq, dk, dv."""
+    q, kv, k, v = make_inputs(B, H, T, D, seed)
+    b, t = routed.nonzero(as_tuple=True)
+    w = torch.randn(len(b), H, D, generator=torch.Generator().manual_seed(seed + 1))
+    out = (attn or kernel.routed_attention)(q[b, :, t], k, v, b, t, window)
+    twin = cram.routed_attention(q[b, :, t], k, v, b, t, window)
+    dense = dense_rows(q, k, v, b, t, window)
+    assert out.shape == (len(b), H, D)
+    if len(b) == 0:  # nothing routed: empty output, and gradients that are zero, not missing
+        dq, dkv = torch.autograd.grad((out * w).sum(), (q, kv), allow_unused=True)
+        assert dq is None or not dq.any()
+        assert dkv is not None and not dkv.any()
+        return
+    grads = {}
+    for name, y in (("kernel", out), ("twin", twin), ("dense", dense)):
+        dq, dkv = torch.autograd.grad((y * w).sum(), (q, kv))
+        grads[name] = dict(o=y, dq=dq, dk=dkv[:, :, 0], dv=dkv[:, :, 1])
+    # gradients scale with the upstream gradient w (dv = P^T w): a tenth of ||w|| is the floor
+    floor = dict(o=1e-12, dq=0.1 * w.norm(), dk=0.1 * w.norm(), dv=0.1 * w.norm())
+    for ref in ("twin", "dense"):
+        for name, a in grads["kernel"].items():
+            rel_rms(a, grads[ref][name], f"{name} vs {ref}", floor=floor[name])
+
+
+# ---- the interpreter itself --------------------------------------------------------------------
+
+@needs_triton
+def test_kernel_canary_interpreter_computes():
+    """One key: the output is that key's value exactly and dv is do. The interpreter has been seen
+    to return all zeros (tensors it cannot read) or garbage (bf16 tl.dot, see test_half)."""
+    assert kernel.INTERPRET
+    q = torch.ones(1, 1, 16)
+    k = torch.ones(1, 1, 1, 16)
+    v = torch.arange(1.0, 17.0).view(1, 1, 1, 16).requires_grad_()
+    out = kernel.routed_attention(q, k, v, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), 4)
+    assert out.abs().sum() > 0 and torch.equal(out, v.detach()[0, :, 0][None])
+    do = torch.arange(16.0).view(1, 1, 16)
+    (dv,) = torch.autograd.grad(out, v, do)
+    assert torch.equal(dv[0, 0, 0], do[0, 0])
+
+
+@needs_triton
+def test_kernel_poison_catches_an_unwritten_row(monkeypatch):
+    """The NaN-filled buffers do their job: drop the last query block and the output shows NaN there."""
+    real = kernel.query_blocks
+    monkeypatch.setattr(kernel, "query_blocks", lambda *a: tuple(x[:-1] for x in real(*a)))
+    q, _, k, v = make_inputs(1, 1, 40, 16, 0)
+    t = torch.arange(40)
+    b = torch.zeros_like(t)
+    out = kernel.routed_attention(q[b, :, t], k, v, b, t, 8)
+    assert torch.isnan(out[-1]).all() and torch.isfinite(out[:32]).all()
+
+
+# ---- against the twin and dense attention ------------------------------------------------------
+
+def rows_routed(B, T, per_row):
+    """A (B, T) mask routing per_row[b] evenly spread positions in row b."""
+    routed = torch.zeros(B, T, dtype=torch.bool)
+    for b, n in enumerate(per_row):
+        routed[b, torch.linspace(T - 1, 0, n).round().long()] = n > 0
+    return routed
+
+
+def one_at(B, T, b, t):
+    routed = torch.zeros(B, T, dtype=torch.bool)
+    routed[b, t] = True
+    return routed
+
+
+EDGES = {  # id: (B, H, T, window, routed)
+    "T1": (1, 2, 1, 1, torch.ones(1, 1, dtype=torch.bool)),
+    "T1-window-longer": (2, 1, 1, 5, torch.ones(2, 1, dtype=torch.bool)),
+    "T37-all-window-longer": (1, 2, 37, 100, torch.ones(1, 37, dtype=torch.bool)),
+    "T37-all-window5": (2, 1, 37, 5, torch.ones(2, 37, dtype=torch.bool)),
+    "window1-is-own-value": (1, 1, 20, 1, torch.ones(1, 20, dtype=torch.bool)),
+    "one-query-first": (1, 2, 40, 50, one_at(1, 40, 0, 0)),
+    "one-query-last": (2, 1, 40, 50, one_at(2, 40, 1, 39)),
+    "one-query-mid-window7": (1, 1, 40, 7, one_at(1, 40, 0, 23)),
+    "none": (2, 2, 30, 10, torch.zeros(2, 30, dtype=torch.bool)),
+    "uneven-rows-0-40-1-17": (4, 1, 45, 20, rows_routed(4, 45, [0, 40, 1, 17])),
+    "all-rows-all-T48": (2, 1, 48, 48, torch.ones(2, 48, dtype=torch.bool)),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("case", EDGES.values(), ids=EDGES.keys())
+def test_kernel_edges(case):
+    B, H, T, window, routed = case
+    check(B, H, T, 16, window, routed)
+
+
+@needs_triton
+@settings(max_examples=150)
+@given(B=st.integers(1, 3), H=st.integers(1, 2), T=st.integers(1, 70), window=st.integers(1, 80),
+       seed=st.integers(0, 2**16), data=st.data())
+def test_kernel_random_subsets(B, H, T, window, seed, data):
+    """Hypothesis draws the routed set: an explicit non-empty subset of the B*T positions (small
+    ones, and shrinking, favoured; empty is test_edges[none]), or each position routed with a
+    drawn probability (dense ones)."""
+    picked = data.draw(st.one_of(st.sets(st.integers(0, B * T - 1), min_size=1, max_size=B * T),
+                                 st.sampled_from([0.05, 0.3, 0.8, 1.0])), label="routed")
+    if isinstance(picked, float):
+        routed = torch.rand(B * T, generator=torch.Generator().manual_seed(seed)) < picked
+    else:
+        routed = torch.zeros(B * T, dtype=torch.bool)
+        routed[list(picked)] = True
+    check(B, H, T, 16, window, routed.view(B, T), seed)
+
+
+@needs_triton
+@pytest.mark.parametrize("D", [3, 8, 16, 24, 32, 64])
+def test_kernel_head_widths(D):
+    """D below 16 and not a power of two is padded to a legal tile; 16, 32, 64 fill it exactly."""
+    check(2, 1, 33, D, 20, rows_routed(2, 33, [33, 9]))
+
+
+GPU_BLOCKS = {  # the tile sets block_sizes picks on GPUs, and one of each shape
+    "16x64": dict(fwd=(16, 64, 4), dkdv=(32, 64, 4)),
+    "64x64": dict(fwd=(64, 64, 8), dkdv=(32, 64, 4)),
+    "128x64": dict(fwd=(128, 64, 8), dkdv=(32, 64, 4)),
+    "32x32": dict(fwd=(32, 32, 4), dkdv=(32, 32, 8)),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("blocks", GPU_BLOCKS.values(), ids=GPU_BLOCKS.keys())
+def test_kernel_gpu_block_sizes(blocks):
+    """The GPU's tiles, under the interpreter, on a dense and a sparse row, window short and long."""
+    attn = lambda q, k, v, b, t, w: kernel.RoutedAttention.apply(q, k, v, b, t, w, blocks)
+    routed = rows_routed(2, 150, [150, 37])
+    for window in (40, 200):
+        check(2, 1, 150, 16, window, routed, attn=attn)
+
+
+@needs_triton
+def test_kernel_block_sizes_follow_density(monkeypatch):
+    """Sparse routing gets 16-query blocks (a block's span stays within a quarter window), dense
+    routing 128 (64 at D = 128); exact fp32 and the interpreter get 16 x 16 everywhere."""
+    monkeypatch.setattr(kernel, "INTERPRET", False)
+    T, bf16 = 4096, torch.bfloat16
+    fwd = lambda M, window=T, D=64: kernel.block_sizes(M, 1, T, window, D, bf16)["fwd"]
+    assert fwd(T // 64) == (16, 64, 4)
+    assert fwd(T // 16)[0] == 64
+    assert fwd(T) == (128, 64, 8)
+    assert fwd(T, D=128)[0] == 64
+    assert fwd(T, window=64)[0] == 16  # short window: the span is limited by the window
+    assert fwd(1)[0] == 16
+    assert kernel.block_sizes(T, 1, T, T, 64, torch.float32) == dict(fwd=(16, 16, 4), dkdv=(16, 16, 4))
+
+
+@pytest.mark.parametrize("dtype,tol", [
+    (torch.float16, FP16_TOL),
+    # bf16: unit roundoff 2^-8 = 3.9e-3, so 8x FP16_TOL. triton 3.9's interpreter multiplies bf16
+    # tiles as their uint16 bit patterns (create_dot calls np.matmul on the raw storage): errors
+    # ~1e9. strict: when the interpreter is fixed this xpass fails, and the mark should go.
+    pytest.param(torch.bfloat16, 8 * FP16_TOL, marks=pytest.mark.xfail(
+        strict=True, reason="triton 3.9 interpreter: tl.dot on bf16 multiplies uint16 bit patterns")),
+], ids=["fp16", "bf16"])
+@needs_triton
+def test_kernel_half(dtype, tol):
+    """Half inputs, fp32 accumulation: the casts of P and dS before their matmuls are exercised;
+    outputs and gradients come back in the input dtype."""
+    B, H, T, D, window = 2, 2, 40, 16, 25
+    q, kv, k, v = make_inputs(B, H, T, D, 3, dtype)
+    b, t = rows_routed(B, T, [40, 11]).nonzero(as_tuple=True)
+    w = torch.randn(len(b), H, D)
+    out = kernel.routed_attention(q[b, :, t], k, v, b, t, window)
+    assert out.dtype == dtype
+    g = torch.autograd.grad((out.float() * w).sum(), (q, kv))
+    q32, kv32 = (x.detach().float().requires_grad_() for x in (q, kv))
+    ref = cram.routed_attention(q32[b, :, t], *kv32.permute(2, 0, 3, 1, 4), b, t, window)
+    r = torch.autograd.grad((ref * w).sum(), (q32, kv32))
+    rel_rms(out, ref, "o", tol)
+    for name, a, c in zip(("dq", "dkv"), g, r):
+        assert a.dtype == dtype
+        rel_rms(a, c, name, tol, floor=0.1 * w.norm())
+
+
+@needs_triton
+def test_kernel_backward_is_deterministic():
+    """No atomics: two backward passes agree bit for bit."""
+    q, kv, k, v = make_inputs(2, 2, 50, 16, 5)
+    b, t = rows_routed(2, 50, [50, 13]).nonzero(as_tuple=True)
+    out = kernel.routed_attention(q[b, :, t], k, v, b, t, 30)
+    w = torch.randn_like(out)
+    g1 = torch.autograd.grad((out * w).sum(), (q, kv), retain_graph=True)
+    g2 = torch.autograd.grad((out * w).sum(), (q, kv))
+    assert all(torch.equal(a, c) for a, c in zip(g1, g2))
+
+
+@needs_triton
+def test_kernel_strided_query_view():
+    """q need not be contiguous, only its head dimension: a (M, 2, H, D)[:, 0] view works."""
+    q, _, k, v = make_inputs(1, 2, 30, 16, 7)
+    b, t = rows_routed(1, 30, [12]).nonzero(as_tuple=True)
+    qq = torch.stack([q[b, :, t], torch.zeros_like(q[b, :, t])], 1)[:, 0]
+    assert not qq.is_contiguous()
+    rel_rms(kernel.routed_attention(qq, k, v, b, t, 9), cram.routed_attention(qq, k, v, b, t, 9), "o")
+
+
+@needs_triton
+def test_kernel_drop_in_for_the_model(monkeypatch):
+    """The tiny CRAM (D = 8: a padded tile) with the kernel in place of the twin: same logits and
+    gradients of every parameter, router_mode="fixed" so both runs route the same tokens."""
+    cfg = cram.CramConfig(vocab_size=40, n_cont=2, n_pred=1, n_embd=16, n_head=2, n_layer=2,
+                          window=12, wm_chunk=4, router_mode="fixed", fixed_every=3)
+    torch.manual_seed(0)
+    model = cram.CRAM(cfg).eval()  # eval: the router's W/S choice is argmax, not a Gumbel draw
+    g = torch.Generator().manual_seed(0)
+    x = dict(tokens=torch.randint(0, 40, (2, 30, 2), generator=g), dt=torch.rand(2, 30, generator=g),
+             cont=torch.randn(2, 30, 2, generator=g), targets=torch.randint(0, 40, (2, 30), generator=g))
+    runs = []
+    for attn in (cram.routed_attention, kernel.routed_attention):
+        monkeypatch.setattr(cram, "routed_attention", attn)
+        model.zero_grad()
+        out = model(**x)
+        out["loss"].backward()
+        runs.append((out["logits"], {n: p.grad.clone() for n, p in model.named_parameters()
+                                     if p.grad is not None}))
+    rel_rms(runs[1][0], runs[0][0], "logits")
+    assert runs[1][1].keys() == runs[0][1].keys()
+    for name, c in runs[0][1].items():
+        rel_rms(runs[1][1][name], c, f"d {name}")
+
+
+# ---- misuse: one clear line, before any launch -------------------------------------------------
+
+def bad_call(**over):
+    q, _, k, v = make_inputs(2, 1, 10, 16, 0)
+    b, t = torch.tensor([0, 1]), torch.tensor([3, 2])
+    args = dict(q=q[b, :, t], k=k, v=v, b_idx=b, t_idx=t, window=4)
+    args.update(over)
+    return lambda: kernel.routed_attention(**args)
+
+
+@pytest.mark.parametrize("over,msg", [
+    (dict(b_idx=torch.tensor([1, 0])), "sorted by"),
+    (dict(t_idx=torch.tensor([3, 10])), "0 <= t < 10"),
+    (dict(window=0), "window=0"),
+    (dict(k=torch.zeros(2, 1, 10, 16, dtype=torch.float64)), "share one of"),
+    (dict(q=torch.zeros(2, 1, 256), k=torch.zeros(2, 1, 10, 256), v=torch.zeros(2, 1, 10, 256)), "D=256"),
+], ids=["unsorted", "t-out-of-range", "window0", "dtype", "D256"])
+@needs_triton
+def test_kernel_misuse_fails_with_one_line(over, msg):
+    with pytest.raises(ValueError, match=msg) as e:
+        bad_call(**over)()
+    assert "\n" not in str(e.value) and str(e.value).startswith("kernel.routed_attention:")
+
+
+# ---- legal on real GPUs: compiled (not run) for sm_90 by triton.compile and ptxas -------------
+
+@pytest.mark.skipif(kernel is None or not kernel.HAS_PTXAS, reason="triton's NVIDIA backend is not installed")
+def test_kernel_compiles_for_sm90_without_spills():
+    """The tiles block_sizes picks on a GPU compile for sm_90 (dot shapes, bf16 loads and stores
+    are legal there) with no register spills. The interpreter checks neither (its minimum dot
+    size is 1). A subprocess, since a kernel under TRITON_INTERPRET=1 cannot be compiled."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, os.path.join(ROOT, "kernel.py"), "--ptxas", "90", "--quick"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert run.stdout.count("stack 0") == 3 * 4, run.stdout  # 3 kernels x 4 cases, none spilling
 
 
 # ---- theory: the static-routing lower bound and the consolidation curve (theory/, notebooks/) ----
