@@ -109,7 +109,8 @@ class CramConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Plain PyTorch twins of the kernels; the Triton versions (kernel.py, to come) keep these signatures.
+# Plain PyTorch twins of the kernels. kernel.py's Triton routed_attention keeps this signature; the
+# scans have no Triton version yet (their chunked form is the layout one would use).
 
 attention_work = Counter()  # what routed_attention computed: "queries", "scores"
 
@@ -255,16 +256,24 @@ class EpisodicMemory(nn.Module):
         self.kv_proj = nn.Linear(cfg.n_embd, 2 * cfg.n_embd)
         self.out_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
 
+    def attend(self, u):
+        """kernel.py's Triton routed attention on CUDA (use_kernel, triton installed, head width
+        <= 128), else the PyTorch twin above."""
+        if self.use_kernel and u.is_cuda and u.shape[-1] // self.n_head <= 128:
+            try:
+                from kernel import routed_attention as triton_attention  # only where it can run
+                return triton_attention
+            except ImportError:
+                pass
+        return routed_attention
+
     def forward(self, u, b_idx, t_idx):
         """u: (B, T, d); b_idx, t_idx: (M,) routed tokens sorted by (b, t) -> r_E: (M, d)."""
         B, T, d = u.shape
         H = self.n_head
         k, v = self.kv_proj(u).view(B, T, 2, H, d // H).permute(2, 0, 3, 1, 4)  # (B, H, T, D) each
         q = self.q_proj(u[b_idx, t_idx]).view(-1, H, d // H)                     # (M, H, D)
-        attend = routed_attention
-        if u.is_cuda and self.use_kernel:
-            from kernel import routed_attention as attend  # Triton: imported only where it runs
-        y = attend(q, k, v, b_idx, t_idx, self.window)                            # (M, H, D)
+        y = self.attend(u)(q, k, v, b_idx, t_idx, self.window)                   # (M, H, D)
         return self.out_proj(y.reshape(-1, d))
 
 

@@ -422,21 +422,44 @@ def attention_rows(device, B, H, T, D, dtype, ps, attn, timer):
     return rows
 
 
+def dense_as_routed(q, k, v, b_idx, t_idx, window):
+    """Dense attention in routed_attention's signature, for when every token is routed
+    (router_mode="always"): one fused SDPA call, the fair baseline for a dense hybrid."""
+    B, H, T, D = k.shape
+    qa = q.view(B, T, H, D).transpose(1, 2)
+    if window >= T:
+        y = torch.nn.functional.scaled_dot_product_attention(qa, k, v, is_causal=True)
+    else:
+        i = torch.arange(T, device=k.device)
+        mask = (i[None] <= i[:, None]) & (i[None] > i[:, None] - window)
+        y = torch.nn.functional.scaled_dot_product_attention(qa, k, v, attn_mask=mask)
+    return y.transpose(1, 2).reshape(-1, H, D)
+
+
 def end_to_end(device, timer, use_kernel):
     """Whole-model forward, N=4096, B=1, eval: attention on every 64th token (router_mode=fixed,
-    about the consolidated attention share) vs on every token (router_mode=always). On CUDA the
-    model runs this kernel (use_kernel) or the twin; elsewhere always the twin."""
+    about the consolidated attention share; this kernel on CUDA if use_kernel, else the twin)
+    against the same model with attention on every token by dense SDPA (router_mode=always)."""
     import cram
-    cfg = cram.CramConfig(vocab_size=366, n_cont=2, n_pred=1, window=4096, fixed_every=64,
-                          use_kernel=use_kernel)
+    cfg = cram.CramConfig(vocab_size=366, n_cont=2, n_pred=1, window=4096, fixed_every=64)
     torch.manual_seed(0)
     model = cram.CRAM(cfg).to(device).eval()
     N = 4096
     tokens = torch.randint(0, 366, (1, N, 2), device=device)
     dt, cont = torch.rand(1, N, device=device), torch.randn(1, N, 2, device=device)
     run = lambda mode: lambda: model(tokens, dt, cont, router_mode=mode)
+    twin = cram.routed_attention
     with torch.no_grad():
-        (ms, mem), (md, memd) = timer(run("fixed")), timer(run("always"))
+        for block in model.blocks:
+            block.episodic.use_kernel = use_kernel
+        ms, mem = timer(run("fixed"))
+        for block in model.blocks:  # the dense baseline goes through cram.routed_attention
+            block.episodic.use_kernel = False
+        cram.routed_attention = dense_as_routed
+        try:
+            md, memd = timer(run("always"))
+        finally:
+            cram.routed_attention = twin
     return dict(T=N, p=1 / 64, pass_="fwd", ms=ms, ms_dense=md, ratio=md / ms, ideal=None,
                 mem_MiB=mem, mem_dense_MiB=memd, B=1, H=cfg.n_head, D=cfg.n_embd // cfg.n_head)
 
@@ -515,7 +538,7 @@ def main():
         rows += [dict(device=dev, impl=impls[0][0], dtype=str(dtype)[6:], **r)
                  for r in attention_rows(dev, B, H, T, D, dtype, tps, impls[0][1], timer)]
     for name, _ in impls:
-        rows.append(dict(device=dev, impl=f"cram({name}) fixed64 vs always", dtype="float32",
+        rows.append(dict(device=dev, impl=f"cram({name}) fixed64 vs always-sdpa", dtype="float32",
                          **end_to_end(dev, timer, use_kernel=name == "kernel")))
     print(f"{'device':6} {'impl':30} {'T':>6} {'p':>5} {'pass':8} {'ms':>9} {'ms_dense':>9} "
           f"{'ratio':>7} {'ideal':>5} {'MiB':>7} {'MiB_dense':>9}")

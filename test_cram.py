@@ -579,7 +579,7 @@ def test_kernel_edges(case):
        seed=st.integers(0, 2**16), data=st.data())
 def test_kernel_random_subsets(B, H, T, window, seed, data):
     """Hypothesis draws the routed set: an explicit non-empty subset of the B*T positions (small
-    ones, and shrinking, favoured; empty is test_edges[none]), or each position routed with a
+    ones, and shrinking, favoured; empty is test_kernel_edges[none]), or each position routed with a
     drawn probability (dense ones)."""
     picked = data.draw(st.one_of(st.sets(st.integers(0, B * T - 1), min_size=1, max_size=B * T),
                                  st.sampled_from([0.05, 0.3, 0.8, 1.0])), label="routed")
@@ -732,6 +732,23 @@ def test_kernel_misuse_fails_with_one_line(over, msg):
 
 
 # ---- legal on real GPUs: compiled (not run) for sm_90 by triton.compile and ptxas -------------
+
+@needs_triton
+def test_kernel_is_what_the_model_calls_on_cuda(monkeypatch):
+    """EpisodicMemory.attend: the Triton kernel for CUDA tensors (unless use_kernel=False, a head
+    wider than 128 or no triton), the twin otherwise."""
+    from types import SimpleNamespace
+    mem = CRAM(tiny_config()).blocks[0].episodic                      # n_embd 16, 2 heads
+    cuda = lambda d=16: SimpleNamespace(is_cuda=True, shape=(1, 1, d))
+    assert mem.attend(torch.zeros(1, 1, 16)) is cram.routed_attention
+    assert mem.attend(cuda()) is kernel.routed_attention
+    assert mem.attend(cuda(d=2 * 256)) is cram.routed_attention       # head width 256
+    monkeypatch.setitem(sys.modules, "kernel", None)                   # import kernel fails
+    assert mem.attend(cuda()) is cram.routed_attention
+    monkeypatch.undo()
+    mem.use_kernel = False
+    assert mem.attend(cuda()) is cram.routed_attention
+
 
 @pytest.mark.skipif(kernel is None or not kernel.HAS_PTXAS, reason="triton's NVIDIA backend is not installed")
 def test_kernel_compiles_for_sm90_without_spills():

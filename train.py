@@ -286,6 +286,8 @@ def main(argv):
     dev = pick_device(c.device)
     if c.threads > 0:
         torch.set_num_threads(c.threads)
+    if dev.startswith("cuda"):  # as nanoGPT: fp32 matmuls, and kernel.py's tiles, on tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
         os.makedirs(c.out_dir, exist_ok=True)
         open(os.path.join(c.out_dir, "log.txt"), "a").close()
@@ -297,7 +299,7 @@ def main(argv):
     if c.resume:
         ckpt = load_checkpoint(ckpt_path)
         for k, v in model_over.items():
-            if ckpt["model_args"].get(k) != v:
+            if ckpt["model_args"].get(k) != v and k != "use_kernel":  # same math, either way
                 raise ConfigError(f"--{k}={v} differs from the checkpoint's {ckpt['model_args'].get(k)!r}: a resumed run keeps its model")
         for k in ("dataset",) + tuple(k for k in run if k.startswith("srcd_")):
             if ckpt["run"][k] != run[k]:
@@ -306,7 +308,7 @@ def main(argv):
         raise ConfigError(f"{ckpt_path} exists: pass --resume=True to continue it, --overwrite=True to replace it, or another --out_dir")
 
     data = make_dataset(c)
-    mcfg = CramConfig(**(ckpt["model_args"] if ckpt else
+    mcfg = CramConfig(**({**ckpt["model_args"], **model_over} if ckpt else
                          {**model_over, "vocab_size": data.vocab_size, "n_cont": 2, "n_pred": 1}))
     torch.manual_seed(c.seed)
     model = CRAM(mcfg).to(dev)
