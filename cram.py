@@ -52,10 +52,10 @@ class CramConfig:
     n_layer: int = 2
     n_head: int = 4
     window: int = 512        # episodic buffer: a query at t sees keys t-window+1 .. t
+    use_kernel: bool = True  # on CUDA, kernel.py's Triton routed attention; False: the twin here
     sem_rank: int = 0        # semantic memory rank; 0 means d/16 as in the paper
     wm_kind: str = "gated"   # "gated": chunked-scan linear recurrence; "ctrnn": the paper's update
     wm_chunk: int = 16       # chunk length of the parallel scan
-    use_kernel: bool = True  # on CUDA, kernel.py's Triton routed attention; False: the twin here
     ctrnn_steps: int = 2     # K, Euler steps per token of the paper's update
     router_mode: str = "learned"
     fixed_every: int = 16    # router_mode="fixed": attention on every k-th token

@@ -31,6 +31,8 @@ of 5 (S and dP are formed twice). The atomic variant was not built or timed: no 
 Precision: fp32, fp16 or bf16 inputs; accumulation and the softmax statistics in fp32. fp32 inputs
 follow torch.backends.cuda.matmul.allow_tf32 (default off: exact fp32 tl.dot, as the twin).
 D: any head width up to 128; tiles are padded to BLOCK_D = max(16, next power of two).
+Offsets within one batch row (h * stride_h + t * stride_t) are int32: a row of K or V must hold
+fewer than 2^31 elements (T * 2 * n_embd for EpisodicMemory's packed k, v); rows are int64.
 
     python -m pytest -q test_cram.py                               # tests (interpreted, CPU)
     python kernel.py [--quick] [--json FILE]                       # benchmark table
