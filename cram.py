@@ -140,6 +140,27 @@ def routed_attention(q, k, v, b_idx, t_idx, window):
     return torch.cat(outs)
 
 
+def dense_attention(q, k, v, window):
+    """Every query attends: causal windowed softmax attention, q, k, v (B, H, T, D) -> (B, H, T, D),
+    one fused SDPA call. The reference routed_attention is tested against, and the baseline."""
+    T = q.shape[2]
+    if window >= T:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    i = torch.arange(T, device=q.device)
+    mask = (i[None] <= i[:, None]) & (i[None] > i[:, None] - window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def dense_routed_attention(q, k, v, b_idx, t_idx, window):
+    """dense_attention in routed_attention's signature, for when every token is routed
+    (router_mode="always"): the model as a dense hybrid, for tests and benchmarks."""
+    B, H, T, D = k.shape
+    if len(b_idx) != B * T:
+        raise ValueError(f"dense_routed_attention: {len(b_idx)} routed of {B * T} tokens; it needs all")
+    y = dense_attention(q.view(B, T, H, D).transpose(1, 2), k, v, window)
+    return y.transpose(1, 2).reshape(-1, H, D)
+
+
 def gated_scan_sequential(log_a, x):
     """h_t = exp(log_a_t) * h_{t-1} + x_t with h_{-1} = 0, one step at a time (the test oracle).
     log_a, x: (B, T, C) -> h: (B, T, C)."""

@@ -48,6 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
+import cram
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
 empty = torch.empty  # every buffer a kernel must fill comes from here; tests swap in NaN-filled ones
@@ -407,11 +409,10 @@ def fwd_and_bwd(f, inputs, timer):
 def attention_rows(device, B, H, T, D, dtype, ps, attn, timer):
     """attn (the kernel or the twin) on a routed share p vs dense causal SDPA on every query;
     window = T, so both compute the same causal attention on the routed rows."""
-    import torch.nn.functional as F
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype, generator=g).requires_grad_()
                for _ in range(3))
-    dense = fwd_and_bwd(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), timer)
+    dense = fwd_and_bwd(lambda: cram.dense_attention(q, k, v, T), (q, k, v), timer)
     rows = []
     for p in ps:
         b, t = routed_positions(B, T, p, device)
@@ -424,25 +425,10 @@ def attention_rows(device, B, H, T, D, dtype, ps, attn, timer):
     return rows
 
 
-def dense_as_routed(q, k, v, b_idx, t_idx, window):
-    """Dense attention in routed_attention's signature, for when every token is routed
-    (router_mode="always"): one fused SDPA call, the fair baseline for a dense hybrid."""
-    B, H, T, D = k.shape
-    qa = q.view(B, T, H, D).transpose(1, 2)
-    if window >= T:
-        y = torch.nn.functional.scaled_dot_product_attention(qa, k, v, is_causal=True)
-    else:
-        i = torch.arange(T, device=k.device)
-        mask = (i[None] <= i[:, None]) & (i[None] > i[:, None] - window)
-        y = torch.nn.functional.scaled_dot_product_attention(qa, k, v, attn_mask=mask)
-    return y.transpose(1, 2).reshape(-1, H, D)
-
-
 def end_to_end(device, timer, use_kernel):
     """Whole-model forward, N=4096, B=1, eval: attention on every 64th token (router_mode=fixed,
     about the consolidated attention share; this kernel on CUDA if use_kernel, else the twin)
     against the same model with attention on every token by dense SDPA (router_mode=always)."""
-    import cram
     cfg = cram.CramConfig(vocab_size=366, n_cont=2, n_pred=1, window=4096, fixed_every=64)
     torch.manual_seed(0)
     model = cram.CRAM(cfg).to(device).eval()
@@ -457,7 +443,7 @@ def end_to_end(device, timer, use_kernel):
         ms, mem = timer(run("fixed"))
         for block in model.blocks:  # the dense baseline goes through cram.routed_attention
             block.episodic.use_kernel = False
-        cram.routed_attention = dense_as_routed
+        cram.routed_attention = cram.dense_routed_attention
         try:
             md, memd = timer(run("always"))
         finally:
@@ -521,7 +507,6 @@ def main():
     if args.ptxas:
         return ptxas_table(args.ptxas, args.quick)
     torch.set_num_threads(1)  # CPU timings on one thread: repeatable, and fair to both sides
-    import cram
     ps = (1, 1 / 4, 1 / 16, 1 / 64)
     if torch.cuda.is_available():  # the kernel, bf16, B*H = 96 as GPT-2 small's 12 heads of 64, B=8
         dev, B, H, D, dtype, timer = "cuda", 8, 12, 64, torch.bfloat16, gpu_timer

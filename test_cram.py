@@ -24,7 +24,7 @@ from hypothesis import given, settings, strategies as st
 import cram
 import theory
 import train
-from cram import CRAM, ConfigError, CramConfig
+from cram import CRAM, ConfigError, CramConfig, dense_attention
 
 try:
     import kernel
@@ -71,12 +71,6 @@ def eval_model(cfg, seed=0):
     return model
 
 
-def dense_attention(q, k, v, window):
-    """Reference: full causal windowed softmax attention, all (B, H, T, D)."""
-    T = q.shape[2]
-    i = torch.arange(T)
-    mask = (i[None] <= i[:, None]) & (i[None] > i[:, None] - window)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 # ---- the scan: chunked == sequential ------------------------------------------------------
@@ -219,14 +213,7 @@ def test_always_routing_equals_dense_attention_model(T, window, seed):
     model = eval_model(cfg, seed)
     x = random_inputs(cfg, 2, T, seed)
     routed = model(**x)["logits"]
-
-    def dense_twin(q, k, v, b_idx, t_idx, window):
-        B, H, T, D = k.shape
-        assert len(b_idx) == B * T  # every token routed
-        qa = q.view(B, T, H, D).transpose(1, 2)
-        return dense_attention(qa, k, v, window)[b_idx, :, t_idx]
-
-    original, cram.routed_attention = cram.routed_attention, dense_twin
+    original, cram.routed_attention = cram.routed_attention, cram.dense_routed_attention
     try:
         dense = model(**x)["logits"]
     finally:
@@ -385,13 +372,14 @@ def test_short_training_lowers_the_loss(tmp_path):
 
 
 def test_resume_equals_uninterrupted_run_bit_for_bit(tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
     """After the warm-up, so the Gumbel noise and spot checks draw on the saved random state; the
-    stop falls on a log step, so the metrics file must keep that step's line exactly once."""
+    stop falls on a log step, so the metrics file must keep that step's line exactly once. The
+    resumed half may switch the attention implementation (use_kernel): the same math."""
+    a, b = tmp_path / "a", tmp_path / "b"
     run = TINY_RUN + ["--max_iters=8", "--ckpt_interval=3", "--attn_warmup=2"]
     train.main(run + [f"--out_dir={a}"])
     assert train.main(run + [f"--out_dir={b}", "--stop_iter=4"]) is None
-    train.main(run + [f"--out_dir={b}", "--resume=True"])
+    train.main(run + [f"--out_dir={b}", "--resume=True", "--use_kernel=False"])
     ca, cb = (torch.load(p / "ckpt.pt", weights_only=False) for p in (a, b))
     assert ca["step"] == cb["step"] == 8
     for name, t in ca["model"].items():
