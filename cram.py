@@ -7,14 +7,18 @@ a window (tier E, episodic) or the output of a small low-rank MLP (tier S, seman
 consolidation loss distils attention's answers into the MLP, so recurring retrievals stop needing
 attention during training, and attention is computed only for the tokens routed to it.
 
-Classes, leaf first as in nanoGPT: CramConfig; the kernels' plain twins (routed_attention,
-gated_scan_sequential / gated_scan_chunked); the tiers GatedCTMemory / CTRNNMemory (working),
-EpisodicMemory, SemanticMemory; Router; Block; CRAM (embedding, layers, heads, losses, stats).
+Classes, leaf first as in nanoGPT: CramConfig; RouterMode and the ROUTER_MODES table; the
+kernels' plain twins (routed_attention, gated_scan_sequential / gated_scan_chunked); the tiers
+GatedCTMemory / CTRNNMemory (working), EpisodicMemory, SemanticMemory; Router; Block; CRAM
+(embedding, layers, heads, losses); routing_stats and class_stats (tensors, read on log steps).
+
+    model = CRAM(CramConfig())                          # a token model: (B, T) ids -> logits
+    out = model(tokens, targets=targets)                # out["loss"], out["terms"], out["routing"]
 
 Glossary, code name -> paper symbol -> DESIGN.md:
-    dt, dtau       dtau_t, the time gap since the previous observation        (sec. 3)
-    CTRNNMemory    h^(k+1) = h^(k) + (1/K) sigmoid(W_tau log(1+dtau)) tanh(W1 h + W2 x)  (sec. 3;
-                   the paper's inner Euler step "dt" is 1/K here)
+    dtau           dtau_t, the time gap since the previous observation        (sec. 3)
+    CTRNNMemory    h^(k+1) = h^(k) + dt sigmoid(W_tau log(1+dtau)) tanh(W1 h + W2 x)  (sec. 3;
+                   the paper's inner Euler step dt is 1/K here, K = ctrnn_steps)
     GatedCTMemory  h_t = a_t h_{t-1} + (1 - a_t) u_t, a_t = exp(-dtau_t lambda_t)   (sec. 4.4)
     r_E            episodic (attention) output at a token                     (sec. 3)
     f_sem          semantic memory, SemanticMemory                            (sec. 3)
@@ -24,6 +28,7 @@ Glossary, code name -> paper symbol -> DESIGN.md:
     eps            spot-check rate: extra attention targets during training   (sec. 4.2)
     attn_frac      share of tokens that used attention in at least one layer  (sec. 5)
 """
+import functools
 import math
 from collections import Counter
 from dataclasses import dataclass, fields
@@ -34,9 +39,30 @@ import torch.nn.functional as F
 
 TIERS = ("working", "episodic", "semantic")
 W, E, S = 0, 1, 2  # tier indices in the router's output
-ROUTER_MODES = ("learned", "always", "never", "static", "fixed")
 WM_KINDS = ("gated", "ctrnn")
-CLASSES = ("other", "recurring", "novel")  # token classes for the routing statistics
+ATTN_IMPLS = ("auto", "twin", "kernel", "dense")
+
+
+@dataclass(frozen=True)
+class RouterMode:
+    """What one router mode means: Block.forward and route() read the mode from this alone."""
+    attention: str      # who decides E: "router" chooses freely, "all" forces E on every token,
+                        # "none" forbids it, "every_k" forces it on every fixed_every-th token and
+                        # forbids it elsewhere (W vs S is still the router's choice)
+    reads_q: bool       # the router's input includes the q-head's estimate q_hat
+    consolidates: bool  # the consolidation loss trains f_sem and the q-head learns q
+    spot_checks: bool   # in training, a share eps of the other tokens also runs attention
+    penalty: str        # compute penalty on P(E): "q" charges it in proportion to q_hat (when
+                        # cfg.penalty_q, else flat), "flat" always P(E), "none" nothing
+
+
+ROUTER_MODES = {  # the paper's router, its ablation without consolidation, and three baselines
+    "learned": RouterMode("router", reads_q=True, consolidates=True, spot_checks=True, penalty="q"),
+    "static": RouterMode("router", reads_q=False, consolidates=False, spot_checks=True, penalty="flat"),
+    "always": RouterMode("all", reads_q=True, consolidates=True, spot_checks=False, penalty="none"),
+    "never": RouterMode("none", reads_q=True, consolidates=True, spot_checks=False, penalty="none"),
+    "fixed": RouterMode("every_k", reads_q=True, consolidates=True, spot_checks=False, penalty="none"),
+}
 
 
 class ConfigError(ValueError):
@@ -45,33 +71,34 @@ class ConfigError(ValueError):
 
 @dataclass
 class CramConfig:
-    vocab_size: int = 512
-    n_cont: int = 2          # continuous inputs per token (SRCD: previous observation, log gap)
-    n_pred: int = 1          # regression outputs per token (SRCD: the next observation)
-    n_embd: int = 64         # d
-    n_layer: int = 2
-    n_head: int = 4
+    vocab_size: int = 512    # token ids 0 .. vocab_size-1
+    n_cont: int = 0          # continuous inputs per token (SRCD: 2, previous observation and log gap)
+    n_pred: int = 0          # regression outputs per token (SRCD: 1, the next observation)
+    n_embd: int = 64         # d, the width of the residual stream
+    n_layer: int = 2         # layers (Block), each with its own router
+    n_head: int = 4          # attention heads of the episodic memory
     window: int = 512        # episodic buffer: a query at t sees keys t-window+1 .. t
-    use_kernel: bool = True  # on CUDA, kernel.py's Triton routed attention; False: the twin here
+    attn_impl: str = "auto"  # how attention runs: auto, twin, kernel or dense (attention_impl);
+                             # auto: dense SDPA if every token is routed, on CUDA the kernel, else twin
     sem_rank: int = 0        # semantic memory rank; 0 means d/16 as in the paper
     wm_kind: str = "gated"   # "gated": chunked-scan linear recurrence; "ctrnn": the paper's update
     wm_chunk: int = 16       # chunk length of the parallel scan
     ctrnn_steps: int = 2     # K, Euler steps per token of the paper's update
-    router_mode: str = "learned"
+    router_mode: str = "learned"  # a row of ROUTER_MODES: learned, static, always, never, fixed
     fixed_every: int = 16    # router_mode="fixed": attention on every k-th token
     tau_start: float = 1.0   # Gumbel-softmax temperature, annealed to tau_end over training
-    tau_end: float = 0.3
-    sigma2: float = 0.2      # sigma^2 in q = exp(-||f_sem - r_E||^2 / sigma^2), errors relative
-                             # to the spread of r_E over the tokens where attention ran
+    tau_end: float = 0.3     # the temperature at the end of training
+    sigma2: float = 0.2      # sigma^2 in q = exp(-err / sigma^2), err the relative squared error:
+                             # ||f_sem - r_E||^2 over the spread of r_E where attention ran
     spot_check: float = 0.03 # eps: share of non-routed tokens that still run attention in training
-    w_pred: float = 1.0      # loss weights: regression (dynamics MSE),
-    w_consol: float = 1.0    #   consolidation ||f_sem - sg(r_E)||^2,
-    w_qhead: float = 0.1     #   q-head BCE toward sg(q),
-    w_compute: float = 0.5   #   compute penalty on the router's attention probability
+    w_pred: float = 1.0      # loss weight of the regression (dynamics MSE)
+    w_consol: float = 1.0    # loss weight of consolidation ||f_sem - sg(r_E)||^2
+    w_qhead: float = 0.1     # loss weight of the q-head's BCE toward sg(q)
+    w_compute: float = 0.5   # loss weight of the compute penalty on the router's P(E)
     attn_prior: float = 0.9  # the router's initial probability of E: attention use starts high
-    penalty_q: bool = True   # charge the penalty in proportion to q_hat, so retrievals the
-                             # semantic memory cannot answer are never pushed off attention
-    dropout: float = 0.0
+    penalty_q: bool = True   # charge the penalty in proportion to q_hat; False: a flat penalty.
+                             # With q_hat, retrievals semantic memory cannot answer keep attention free
+    dropout: float = 0.0     # on the embeddings and after each MLP
 
     def __post_init__(self):
         for f in fields(self):  # types first, so a string where an int belongs says so plainly
@@ -86,11 +113,12 @@ class CramConfig:
             ("n_layer", self.n_layer > 0, "a positive int"),
             ("vocab_size", self.vocab_size > 0, "a positive int"),
             ("window", self.window > 0, "a positive int"),
+            ("attn_impl", self.attn_impl in ATTN_IMPLS, f"one of {ATTN_IMPLS}"),
             ("sem_rank", 0 <= self.sem_rank <= self.n_embd, f"0 (= d/16) .. n_embd={self.n_embd}"),
             ("wm_kind", self.wm_kind in WM_KINDS, f"one of {WM_KINDS}"),
             ("wm_chunk", self.wm_chunk > 0, "a positive int"),
             ("ctrnn_steps", self.ctrnn_steps > 0, "a positive int"),
-            ("router_mode", self.router_mode in ROUTER_MODES, f"one of {ROUTER_MODES}"),
+            ("router_mode", self.router_mode in ROUTER_MODES, f"one of {tuple(ROUTER_MODES)}"),
             ("fixed_every", self.fixed_every > 0, "a positive int"),
             ("tau_start", self.tau_start > 0, "> 0"),
             ("tau_end", self.tau_end > 0, "> 0"),
@@ -98,6 +126,8 @@ class CramConfig:
             ("spot_check", 0 <= self.spot_check <= 1, "in [0, 1]"),
             ("attn_prior", 0 < self.attn_prior < 1, "in (0, 1)"),
             ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
+            ("n_cont", self.n_cont >= 0, ">= 0"),
+            ("n_pred", self.n_pred >= 0, ">= 0"),
         ] + [(w, getattr(self, w) >= 0, ">= 0") for w in ("w_pred", "w_consol", "w_qhead", "w_compute")]
         for name, ok, want in checks:
             if not ok:
@@ -135,14 +165,14 @@ def routed_attention(q, k, v, b_idx, t_idx, window):
         keep = (pos[None] <= tq[:, None]) & (pos[None] > tq[:, None] - window)   # (m, L)
         s = torch.einsum("mhd,hld->hml", qb, k[b, :, lo:hi]) / math.sqrt(D)    # (H, m, L)
         p = s.masked_fill(~keep, float("-inf")).softmax(-1)
-        outs.append(torch.einsum("hml,hld->mhd", p, v[b, :, lo:hi]))           # (m, H, D)
+        outs.append(torch.einsum("hml,hld->mhd", p.to(v.dtype), v[b, :, lo:hi]))  # (m, H, D)
         attention_work["scores"] += s.numel()
     return torch.cat(outs)
 
 
 def dense_attention(q, k, v, window):
     """Every query attends: causal windowed softmax attention, q, k, v (B, H, T, D) -> (B, H, T, D),
-    one fused SDPA call. The reference routed_attention is tested against, and the baseline."""
+    one fused SDPA call. The reference routed_attention is tested against, and attn_impl="dense"."""
     T = q.shape[2]
     if window >= T:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -151,14 +181,28 @@ def dense_attention(q, k, v, window):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def dense_routed_attention(q, k, v, b_idx, t_idx, window):
-    """dense_attention in routed_attention's signature, for when every token is routed
-    (router_mode="always"): the model as a dense hybrid, for tests and benchmarks."""
-    B, H, T, D = k.shape
-    if len(b_idx) != B * T:
-        raise ValueError(f"dense_routed_attention: {len(b_idx)} routed of {B * T} tokens; it needs all")
-    y = dense_attention(q.view(B, T, H, D).transpose(1, 2), k, v, window)
-    return y.transpose(1, 2).reshape(-1, H, D)
+@functools.cache
+def triton_attention():
+    """kernel.py's Triton routed_attention, or None where triton cannot be imported (its wheels are
+    Linux only). Imported on first use, so a CPU run never loads triton."""
+    try:
+        from kernel import routed_attention as triton_routed_attention
+    except ImportError:
+        return None
+    return triton_routed_attention
+
+
+def attention_impl(name, is_cuda, head_dim, all_routed):
+    """cfg.attn_impl resolved for one call -> "dense", "kernel" or "twin". "auto": one dense SDPA
+    call when every token is routed (router_mode "always": the twin would be ~7x slower); else the
+    Triton kernel on CUDA with triton installed and heads of at most 128; else the PyTorch twin."""
+    if name != "auto":
+        return name
+    if all_routed:
+        return "dense"
+    if is_cuda and head_dim <= 128 and triton_attention() is not None:
+        return "kernel"
+    return "twin"
 
 
 def gated_scan_sequential(log_a, x):
@@ -224,18 +268,18 @@ class GatedCTMemory(nn.Module):
         self.out_proj = nn.Linear(d, d)
         self.chunk = cfg.wm_chunk
 
-    def forward(self, x, dt, scan=None):
-        """x: (B, T, d), dt: (B, T) gaps -> (B, T, d). scan: override the scan (tests)."""
-        u, rate, g = self.in_proj(x).chunk(3, dim=-1)
-        log_a = -dt[..., None] * F.softplus(rate)                       # (B, T, d), <= 0
-        xin = -torch.expm1(log_a) * u                                    # (1 - a_t) u_t
+    def forward(self, x, dtau, scan=None):
+        """x: (B, T, d), dtau: (B, T) time gaps -> (B, T, d). scan: override the scan (tests)."""
+        u, rate, g = self.in_proj(x).float().chunk(3, dim=-1)  # fp32 under autocast: products of
+        log_a = -dtau[..., None] * F.softplus(rate)             # decays lose bf16's 8 bits fast
+        xin = -torch.expm1(log_a) * u                                    # (1 - a_t) u_t, (B, T, d)
         h = scan(log_a, xin) if scan else gated_scan_chunked(log_a, xin, self.chunk)
-        return self.out_proj(h * F.silu(g))
+        return self.out_proj((h * F.silu(g)).to(x.dtype))
 
 
 class CTRNNMemory(nn.Module):
-    """The paper's working memory (DESIGN.md sec. 3), K Euler steps per token:
-        h^(k+1) = h^(k) + (1/K) sigmoid(W_tau log(1 + dtau_t)) * tanh(W1 h^(k) + W2 x_t)
+    """The paper's working memory (DESIGN.md sec. 3), K Euler steps of size dt = 1/K per token:
+        h^(k+1) = h^(k) + dt sigmoid(W_tau log(1 + dtau_t)) * tanh(W1 h^(k) + W2 x_t)
     A nonlinear RNN: exact to the paper, sequential, slow. Select with wm_kind="ctrnn"."""
 
     def __init__(self, cfg):
@@ -247,18 +291,19 @@ class CTRNNMemory(nn.Module):
         self.out_proj = nn.Linear(d, d)
         self.K = cfg.ctrnn_steps
 
-    def step(self, h, x_t, dt_t):
-        """One token: h (B, d), x_t (B, d), dt_t (B,) -> the next h (B, d)."""
-        rate = torch.sigmoid(self.W_tau(torch.log1p(dt_t)[:, None]))  # time-gap gate
-        drive = self.W2(x_t)
+    def step(self, h, x_t, dtau_t):
+        """One token: h (B, d), x_t (B, d), dtau_t (B,) -> the next h (B, d)."""
+        rate = torch.sigmoid(self.W_tau(torch.log1p(dtau_t)[:, None]))  # time-gap gate
+        drive, dt = self.W2(x_t), 1 / self.K                             # dt: the Euler step
         for _ in range(self.K):
-            h = h + rate * torch.tanh(self.W1(h) + drive) / self.K
+            h = h + dt * rate * torch.tanh(self.W1(h) + drive)
         return h
 
-    def forward(self, x, dt):
+    def forward(self, x, dtau):
+        """x: (B, T, d), dtau: (B, T) time gaps -> (B, T, d), one token at a time."""
         h, out = x.new_zeros(x.shape[0], x.shape[2]), []
         for t in range(x.shape[1]):
-            h = self.step(h, x[:, t], dt[:, t])
+            h = self.step(h, x[:, t], dtau[:, t])
             out.append(h)
         return self.out_proj(torch.stack(out, 1))
 
@@ -267,35 +312,36 @@ class CTRNNMemory(nn.Module):
 # Episodic and semantic memory.
 
 class EpisodicMemory(nn.Module):
-    """Causal softmax attention over a window, run only for the routed tokens (r_E).
-    Keys and values for every token (O(T d^2)); queries, scores and sums for routed ones only."""
+    """Causal softmax attention over a window, for the routed tokens (r_E). Keys and values for
+    every token (O(T d^2)); queries, scores and sums for routed ones only, by the implementation
+    cfg.attn_impl names (resolved per call by attention_impl), except attn_impl="dense", a
+    reference that computes every query and keeps the routed rows."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.n_head, self.window, self.use_kernel = cfg.n_head, cfg.window, cfg.use_kernel
+        self.n_head, self.window, self.impl = cfg.n_head, cfg.window, cfg.attn_impl
+        if self.impl == "kernel" and triton_attention() is None:
+            raise ConfigError("config attn_impl='kernel': triton is not installed (Linux only); use 'auto' or 'twin'")
         self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.kv_proj = nn.Linear(cfg.n_embd, 2 * cfg.n_embd)
         self.out_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
 
-    def attend(self, u):
-        """kernel.py's Triton routed attention on CUDA (use_kernel, triton installed, head width
-        <= 128), else the PyTorch twin above."""
-        if self.use_kernel and u.is_cuda and u.shape[-1] // self.n_head <= 128:
-            try:
-                from kernel import routed_attention as triton_attention  # only where it can run
-                return triton_attention
-            except ImportError:
-                pass
-        return routed_attention
-
-    def forward(self, u, b_idx, t_idx):
-        """u: (B, T, d); b_idx, t_idx: (M,) routed tokens sorted by (b, t) -> r_E: (M, d)."""
+    def forward(self, u, ran, all_routed=False):
+        """u: (B, T, d); ran: (B, T) bool, the tokens that run attention; all_routed: ran is True
+        everywhere (router_mode "always") -> r_E: (B, T, d), zero where attention did not run."""
         B, T, d = u.shape
-        H = self.n_head
-        k, v = self.kv_proj(u).view(B, T, 2, H, d // H).permute(2, 0, 3, 1, 4)  # (B, H, T, D) each
-        q = self.q_proj(u[b_idx, t_idx]).view(-1, H, d // H)                     # (M, H, D)
-        y = self.attend(u)(q, k, v, b_idx, t_idx, self.window)                   # (M, H, D)
-        return self.out_proj(y.reshape(-1, d))
+        H, D = self.n_head, d // self.n_head
+        k, v = self.kv_proj(u).view(B, T, 2, H, D).permute(2, 0, 3, 1, 4)      # (B, H, T, D) each
+        impl = attention_impl(self.impl, u.is_cuda, D, all_routed)
+        if impl == "dense":  # every query in one SDPA call; the rows that did not run are dropped
+            q = self.q_proj(u).view(B, T, H, D).transpose(1, 2)                  # (B, H, T, D)
+            y = dense_attention(q, k, v, self.window).transpose(1, 2).reshape(B, T, d)
+            return torch.where(ran[..., None], self.out_proj(y), 0.0).to(u.dtype)
+        b_idx, t_idx = ran.nonzero(as_tuple=True)                               # sorted by (b, t)
+        q = self.q_proj(u[b_idx, t_idx]).view(-1, H, D)                          # (M, H, D)
+        attend = routed_attention if impl == "twin" else triton_attention()
+        y = self.out_proj(attend(q, k, v, b_idx, t_idx, self.window).reshape(-1, d))  # (M, d)
+        return u.new_zeros(B, T, d).index_put((b_idx, t_idx), y.to(u.dtype))
 
 
 class SemanticMemory(nn.Module):
@@ -325,31 +371,36 @@ class Router(nn.Module):
         self.logits = nn.Linear(cfg.n_embd + 1, 3)
         self.attn_prior = cfg.attn_prior
 
-    def forward(self, u, use_q=True):
-        """u: (B, T, d) -> logits (B, T, 3), q_hat (B, T)."""
-        q_hat = torch.sigmoid(self.q_head(u.detach())).squeeze(-1)
-        q_in = q_hat.detach() if use_q else torch.zeros_like(q_hat)
-        return self.logits(torch.cat([u, q_in[..., None]], -1)), q_hat
+    def forward(self, u, reads_q=True):
+        """u: (B, T, d) -> logits (B, T, 3) over (W, E, S), and q_logit (B, T), the q-head's
+        logit: q_hat = sigmoid(q_logit), kept as a logit so its loss is autocast-safe BCE."""
+        q_logit = self.q_head(u.detach()).squeeze(-1)
+        q_in = torch.sigmoid(q_logit).detach() if reads_q else torch.zeros_like(q_logit)
+        return self.logits(torch.cat([u, q_in[..., None].to(u.dtype)], -1)), q_logit
 
 
 def route(logits, mode, tau, training, fixed_every):
-    """The router's decision z (B, T, 3), one-hot; straight-through Gumbel-softmax when learning.
-    The modes: learned/static choose freely; always forces E; never forbids E; fixed forces E on
-    every k-th token and forbids it elsewhere (W vs S is still chosen by the router)."""
+    """The router's decision z (B, T, 3), one-hot over (W, E, S): a straight-through Gumbel-softmax
+    sample in training, the argmax in evaluation, with E forced or forbidden as mode.attention
+    (a RouterMode) says."""
     B, T, _ = logits.shape
-    if mode == "always":
+    if mode.attention == "all":
         return F.one_hot(torch.full((B, T), E, device=logits.device), 3).to(logits.dtype)
     forced = torch.zeros(B, T, dtype=torch.bool, device=logits.device)
-    if mode in ("never", "fixed"):
+    if mode.attention != "router":  # "none" and "every_k": E is not the router's to choose
         logits = logits.clone()
         logits[..., E] = float("-inf")
-        if mode == "fixed":
+        if mode.attention == "every_k":
             forced[:, fixed_every - 1::fixed_every] = True
     if training:
         z = F.gumbel_softmax(logits, tau=tau, hard=True)
     else:
         z = F.one_hot(logits.argmax(-1), 3).to(logits.dtype)
-    return torch.where(forced[..., None], F.one_hot(torch.tensor(E), 3).to(z), z)
+    if mode.attention == "every_k":  # E on the forced tokens, built on the device (no host copy)
+        e_hot = torch.zeros_like(z)
+        e_hot[..., E] = 1
+        z = torch.where(forced[..., None], e_hot, z)
+    return z
 
 
 class MLP(nn.Module):
@@ -369,7 +420,7 @@ class Block(nn.Module):
         u   = ln2(h);  z = route(u, q_hat(u))           decision over (W, E, S)
         h   = h + z_E r_E(u) + z_S f_sem(u)             W adds nothing beyond working memory
         out = h + MLP(ln3(h))
-    r_E is computed only where the router chose E, plus (in training) a spot-check sample whose
+    r_E is used only where the router chose E, plus (in training) a spot-check sample whose
     output is not added: z_E = 0 there, but it gives the consolidation targets and, through the
     straight-through z_E, the router's gradient for attention on tokens it did not pick.
     """
@@ -384,40 +435,53 @@ class Block(nn.Module):
         self.router = Router(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, dt, tau, mode):
-        """x: (B, T, d), dt: (B, T) -> (B, T, d), and this layer's loss terms and routing tensors."""
+    def forward(self, x, dtau, tau, mode, losses=True):
+        """x: (B, T, d), dtau: (B, T) time gaps, mode: a RouterMode -> (B, T, d), this layer's loss
+        terms (0-dim tensors; none unless losses) and its routing: z (B, T, 3) and q_hat (B, T),
+        detached."""
         cfg = self.cfg
-        h = x + self.wm(self.ln1(x), dt)
+        h = x + self.wm(self.ln1(x), dtau)
         u = self.ln2(h)
-        logits, q_hat = self.router(u, use_q=mode != "static")
-        z = route(logits, mode, tau, self.training, cfg.fixed_every)             # (B, T, 3)
-        ran = z[..., E] > 0                                                      # attention runs
-        if self.training and mode in ("learned", "static") and cfg.spot_check > 0:
+        logits, q_logit = self.router(u, mode.reads_q)
+        logits, q_hat = logits.float(), torch.sigmoid(q_logit.float())  # fp32 under autocast:
+        z = route(logits, mode, tau, self.training, cfg.fixed_every)     # bf16 Gumbel draws tie
+        ran = z[..., E] > 0                                              # attention runs, (B, T)
+        if self.training and mode.spot_checks and cfg.spot_check > 0:
             ran = ran | (torch.rand(ran.shape, device=x.device) < cfg.spot_check)
-        b_idx, t_idx = ran.nonzero(as_tuple=True)                                # sorted by (b, t)
-        r_E = self.episodic(u, b_idx, t_idx)                                     # (M, d)
-        r_full = torch.zeros_like(u).index_put((b_idx, t_idx), r_E)              # (B, T, d)
+        r_E = self.episodic(u, ran, all_routed=mode.attention == "all")           # (B, T, d)
         f_sem = self.semantic(u)                                                 # (B, T, d)
-        h = h + z[..., E, None] * r_full + z[..., S, None] * f_sem
+        h = h + (z[..., E, None] * r_E + z[..., S, None] * f_sem).to(h.dtype)
         out = h + self.mlp(self.ln3(h))
+        routing = dict(z=z.detach().float(), q_hat=q_hat.detach().float())
+        if not losses:  # inference: no consolidation targets to compare, nothing to charge
+            return out, {}, routing
 
-        # consolidation: f_sem -> sg(r_E) where attention ran; the q-head learns q there
-        terms = dict(consol=u.new_zeros(()), qhead=u.new_zeros(()))
-        if len(b_idx) > 1 and mode != "static":  # q needs the spread of r_E over >= 2 tokens
-            # errors relative to the spread of r_E: early on attention's outputs are near zero,
-            # and an absolute error would call that trivially "consolidated" (q ~ 1 everywhere)
-            r = r_E.detach()
-            err = (self.semantic(u.detach()[b_idx, t_idx]) - r).pow(2).mean(-1)   # (M,)
-            spread = (r - r.mean(0)).pow(2).mean() + 1e-12
-            q = torch.exp(-err.detach() / (cfg.sigma2 * spread))                  # q_t (M,)
-            terms["consol"] = err.mean()
-            terms["qhead"] = F.binary_cross_entropy(q_hat[b_idx, t_idx], q)
+        zero = u.new_zeros((), dtype=torch.float32)
+        terms = self.consolidation(u, r_E, ran, q_logit) if mode.consolidates else dict(consol=zero, qhead=zero)
         # compute penalty on the router's attention probability; with penalty_q it is charged in
         # proportion to q_hat, so an unconsolidated retrieval is never pushed off attention
         p_E = logits.softmax(-1)[..., E]
-        cost = p_E * q_hat.detach() if cfg.penalty_q and mode == "learned" else p_E
-        terms["compute"] = cost.mean() if mode in ("learned", "static") else u.new_zeros(())
-        return out, terms, dict(z=z.detach(), q_hat=q_hat.detach())
+        charge = p_E * q_hat.detach() if mode.penalty == "q" and cfg.penalty_q else p_E
+        terms["compute"] = zero if mode.penalty == "none" else charge.mean()
+        return out, terms, routing
+
+    def consolidation(self, u, r_E, ran, q_logit):
+        """Over the tokens where attention ran: the consolidation loss ||f_sem(u) - sg(r_E)||^2,
+        which moves only f_sem, and the q-head's BCE toward q = exp(-err / (sigma^2 spread)).
+        Masked means rather than gathers, so nothing waits for the device; q needs the spread of
+        r_E over at least two tokens, so with fewer both terms are 0."""
+        m = ran.float()                                                           # (B, T)
+        n = m.sum().clamp_min(1)
+        r = r_E.detach().float()
+        err = (self.semantic(u.detach()).float() - r).pow(2).mean(-1)             # (B, T)
+        # errors relative to the spread of r_E: early on attention's outputs are near zero,
+        # and an absolute error would call that trivially "consolidated" (q ~ 1 everywhere)
+        r_mean = (r * m[..., None]).sum((0, 1)) / n                               # (d,)
+        spread = ((r - r_mean).pow(2).mean(-1) * m).sum() / n + 1e-12
+        q = torch.exp(-err.detach() / (self.cfg.sigma2 * spread))                  # q_t, (B, T)
+        bce = F.binary_cross_entropy_with_logits(q_logit.float(), q, reduction="none")
+        enough = (m.sum() > 1).float()
+        return dict(consol=enough * (err * m).sum() / n, qhead=enough * (bce * m).sum() / n)
 
 
 class CRAM(nn.Module):
@@ -455,80 +519,106 @@ class CRAM(nn.Module):
             # W_q = W_k at init, std 1/sqrt(d): a repeated key then scores ||W_q u||^2 against its
             # binding from the first step, instead of ~0 like every other key. At init on SRCD a
             # query puts 3-4x the uniform weight on its binding (1.1x untied, 1.0x with PyTorch's
-            # default biases; test_at_init_a_query_attends_to_the_binding_of_its_key), and forced
-            # attention at N=512 retrieves novel keys at 99% by step 200 (it was 3% at step 500).
+            # default biases; test_at_init_a_query_attends_to_the_binding_of_its_key).
             d = m.q_proj.weight.shape[1]
             nn.init.normal_(m.q_proj.weight, std=d ** -0.5)
             with torch.no_grad():
                 m.kv_proj.weight[:d].copy_(m.q_proj.weight)
 
-    def forward(self, tokens, dt=None, cont=None, targets=None, pred_targets=None,
-                token_class=None, tau=1.0, router_mode=None):
+    def forward(self, tokens, dtau=None, cont=None, targets=None, pred_targets=None, tau=1.0,
+                router_mode=None):
         """
-        tokens: (B, T) or (B, T, S) ids, S token slots per position whose embeddings are summed
-        (SRCD puts key and value of a binding at one position); dt: (B, T) time gaps (default 1);
-        cont: (B, T, n_cont) continuous inputs; targets: (B, T) ids, -1 = no target;
-        pred_targets: (B, T, n_pred) regression targets, NaN = no target; token_class: (B, T) in
-        0 other / 1 recurring query / 2 novel query, for the statistics only; tau: router temperature;
-        router_mode: overrides cfg.router_mode for this call (train.py's attention warm-up).
-        Returns a dict: logits (B, T, V), pred (B, T, n_pred) or None, loss (scalar, if targets),
-        terms (each loss term), stats (routing statistics, python floats).
+        tokens: (B, T) ids, or (B, T, S) with S token slots per position whose embeddings are summed
+        (SRCD puts key and value of a binding at one position); dtau: (B, T) time gaps (default 1);
+        cont: (B, T, n_cont) continuous inputs, needed when cfg.n_cont > 0; targets: (B, T) ids,
+        -1 = no target; pred_targets: (B, T, n_pred) regression targets, NaN = no target; tau: the
+        router's temperature; router_mode: a key of ROUTER_MODES for this call only (train.py's
+        attention warm-up). Returns a dict: logits (B, T, V); pred (B, T, n_pred) or None;
+        routing: z (L, B, T, 3) and q_hat (L, B, T), detached, for routing_stats; with targets
+        also loss (scalar) and terms (each loss term, a detached 0-dim tensor). Nothing here
+        copies a value to the host: the caller reads what it logs, when it logs.
         """
+        self.check_inputs(tokens, dtau, cont, targets, pred_targets)
         cfg = self.cfg
+        mode = ROUTER_MODES[router_mode or cfg.router_mode]
         if tokens.dim() == 2:
             tokens = tokens[..., None]
         B, T, _ = tokens.shape
-        dt = torch.ones(B, T, device=tokens.device) if dt is None else dt
+        dtau = torch.ones(B, T, device=tokens.device) if dtau is None else dtau
         x = self.tok_emb(tokens).sum(2)                                          # (B, T, d)
         if self.cont_proj is not None:
             x = x + self.cont_proj(cont)
         x = self.drop(x)
-        terms, routing = Counter(), []
+        terms, routing = {}, []
         for block in self.blocks:
-            x, t, r = block(x, dt, tau, router_mode or cfg.router_mode)
-            terms.update(t)
+            x, t, r = block(x, dtau, tau, mode, losses=targets is not None)
+            terms = {k: terms.get(k, 0) + v for k, v in t.items()}
             routing.append(r)
         x = self.ln_f(x)
         logits = self.lm_head(x)
         pred = self.pred_head(x) if self.pred_head is not None else None
-        out = dict(logits=logits, pred=pred, stats=routing_stats(routing, token_class))
+        out = dict(logits=logits, pred=pred, routing={k: torch.stack([r[k] for r in routing]) for k in routing[0]})
         if targets is not None:
             terms = {k: v / cfg.n_layer for k, v in terms.items()}
-            terms["ce"] = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
-            terms["mse"] = logits.new_zeros(())
+            ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1, reduction="sum")
+            terms["ce"] = ce / (targets >= 0).sum().clamp_min(1)  # 0, not NaN, with no targets
+            terms["mse"] = logits.new_zeros((), dtype=torch.float32)
             if pred is not None and pred_targets is not None:
                 have = ~pred_targets.isnan()
-                terms["mse"] = F.mse_loss(pred[have], pred_targets[have])
+                err = torch.where(have, pred.float() - pred_targets.nan_to_num(), 0.0)
+                terms["mse"] = err.pow(2).sum() / have.sum().clamp_min(1)
             out["loss"] = (terms["ce"] + cfg.w_pred * terms["mse"] + cfg.w_consol * terms["consol"]
                            + cfg.w_qhead * terms["qhead"] + cfg.w_compute * terms["compute"])
-            out["terms"] = {k: v.item() for k, v in terms.items()}
+            out["terms"] = {k: v.detach() for k, v in terms.items()}
         return out
+
+    def check_inputs(self, tokens, dtau, cont, targets, pred_targets):
+        """One clear line for inputs that do not fit this model, before anything deep fails."""
+        def fail(msg):
+            raise ValueError(f"CRAM.forward: {msg}")
+        cfg = self.cfg
+        if tokens.dim() not in (2, 3) or tokens.is_floating_point():
+            fail(f"tokens must be integer ids (B, T) or (B, T, S); got {tuple(tokens.shape)} {tokens.dtype}")
+        B, T = tokens.shape[:2]
+        if cfg.n_cont and cont is None:
+            fail(f"this model reads n_cont={cfg.n_cont} continuous inputs per token: pass cont ({B}, {T}, {cfg.n_cont})")
+        want = dict(dtau=(B, T), cont=(B, T, cfg.n_cont), targets=(B, T), pred_targets=(B, T, cfg.n_pred))
+        for name, x in dict(dtau=dtau, cont=cont, targets=targets, pred_targets=pred_targets).items():
+            if x is not None and tuple(x.shape) != want[name]:
+                fail(f"{name} has shape {tuple(x.shape)}; with tokens {tuple(tokens.shape)} and n_cont="
+                     f"{cfg.n_cont}, n_pred={cfg.n_pred} it must be {want[name]}")
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
 
-def routing_stats(routing, token_class=None):
-    """Per layer the share of tokens on each tier and mean q_hat; attn_frac, the share of tokens
-    that used attention in at least one layer (DESIGN.md sec. 5); and, given token classes, the
-    attention and semantic shares and mean q_hat of each class."""
-    z = torch.stack([r["z"] for r in routing])                # (layers, B, T, 3)
-    q_hat = torch.stack([r["q_hat"] for r in routing])        # (layers, B, T)
-    any_attn = z[..., E].amax(0) > 0                          # (B, T)
-    stats = dict(attn_frac=any_attn.float().mean().item(),
-                 attn_pair_frac=z[..., E].mean().item(),
-                 sem_frac=z[..., S].mean().item())
+def routing_stats(routing):
+    """From forward's routing tensors: attn_frac, the share of tokens that used attention in at
+    least one layer (DESIGN.md sec. 5); attn_pair_frac, the share of (token, layer) pairs; sem_frac;
+    per layer the share of tokens on each tier and the mean q_hat. 0-dim tensors."""
+    z, q_hat = routing["z"], routing["q_hat"]                 # (L, B, T, 3), (L, B, T)
+    stats = dict(attn_frac=(z[..., E].amax(0) > 0).float().mean(), attn_pair_frac=z[..., E].mean(),
+                 sem_frac=z[..., S].mean())
     for i in range(z.shape[0]):
         for j, tier in enumerate(TIERS):
-            stats[f"L{i}_{tier}"] = z[i, ..., j].mean().item()
-        stats[f"L{i}_q"] = q_hat[i].mean().item()
-    if token_class is not None:
-        for c, name in enumerate(CLASSES):
-            m = token_class == c
-            if m.any():
-                stats[f"attn_{name}"] = any_attn[m].float().mean().item()
-                stats[f"sem_{name}"] = z[..., S][:, m].mean().item()
-                stats[f"q_{name}"] = q_hat[:, m].mean().item()
+            stats[f"L{i}_{tier}"] = z[i, ..., j].mean()
+        stats[f"L{i}_q"] = q_hat[i].mean()
+    return stats
+
+
+def class_stats(routing, classes):
+    """Per token class, classes = {name: (B, T) bool mask}: attn_<name>, the share of its tokens that
+    used attention in any layer; sem_<name>, its share of (token, layer) pairs on semantic memory;
+    q_<name>, its mean q_hat. 0-dim tensors, NaN for a class with no tokens."""
+    z, q_hat = routing["z"], routing["q_hat"]                 # (L, B, T, 3), (L, B, T)
+    any_attn = (z[..., E].amax(0) > 0).float()                # (B, T)
+    stats = {}
+    for name, mask in classes.items():
+        m = mask.float()
+        n = m.sum()
+        stats[f"attn_{name}"] = (any_attn * m).sum() / n
+        stats[f"sem_{name}"] = (z[..., S] * m).sum() / (n * len(z))
+        stats[f"q_{name}"] = (q_hat * m).sum() / (n * len(z))
     return stats
 
 

@@ -35,14 +35,12 @@ Offsets within one batch row (h * stride_h + t * stride_t) are int32: a row of K
 fewer than 2^31 elements (T * 2 * n_embd for EpisodicMemory's packed k, v); rows are int64.
 
     python -m pytest -q test_cram.py                               # tests (interpreted, CPU)
-    python kernel.py [--quick] [--json FILE]                       # benchmark table
+    python kernel.py [--quick] [--json FILE]                       # benchmark table (bench.py: the whole model)
     python kernel.py --ptxas 90                                    # compile for sm_90: registers, spills
 """
 import argparse
-import json
 import math
 import os
-import time
 
 import torch
 import triton
@@ -369,30 +367,6 @@ def routed_positions(B, T, p, device):
     return mask.nonzero(as_tuple=True)
 
 
-def cpu_timer(reps):
-    def timer(fn):
-        """(median wall ms of fn() after one warm-up call, None: no memory count on the CPU)."""
-        fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return 1e3 * sorted(times)[len(times) // 2], None
-    return timer
-
-
-def gpu_timer(fn):
-    """(median ms by triton.testing.do_bench, peak MiB allocated during one call above baseline)."""
-    ms = triton.testing.do_bench(fn, return_mode="median")
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return ms, (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
 def fwd_and_bwd(f, inputs, timer):
     """{"fwd": timer(f under no_grad), "fwd+bwd": timer(f then backward)}, each (ms, MiB)."""
     with torch.no_grad():
@@ -423,33 +397,6 @@ def attention_rows(device, B, H, T, D, dtype, ps, attn, timer):
             rows.append(dict(T=T, p=p, pass_=name, ms=ms, ms_dense=md, ratio=md / ms, ideal=1 / p,
                              mem_MiB=mem, mem_dense_MiB=memd, B=B, H=H, D=D, M=len(b)))
     return rows
-
-
-def end_to_end(device, timer, use_kernel):
-    """Whole-model forward, N=4096, B=1, eval: attention on every 64th token (router_mode=fixed,
-    about the consolidated attention share; this kernel on CUDA if use_kernel, else the twin)
-    against the same model with attention on every token by dense SDPA (router_mode=always)."""
-    cfg = cram.CramConfig(vocab_size=366, n_cont=2, n_pred=1, window=4096, fixed_every=64)
-    torch.manual_seed(0)
-    model = cram.CRAM(cfg).to(device).eval()
-    N = 4096
-    tokens = torch.randint(0, 366, (1, N, 2), device=device)
-    dt, cont = torch.rand(1, N, device=device), torch.randn(1, N, 2, device=device)
-    run = lambda mode: lambda: model(tokens, dt, cont, router_mode=mode)
-    twin = cram.routed_attention
-    with torch.no_grad():
-        for block in model.blocks:
-            block.episodic.use_kernel = use_kernel
-        ms, mem = timer(run("fixed"))
-        for block in model.blocks:  # the dense baseline goes through cram.routed_attention
-            block.episodic.use_kernel = False
-        cram.routed_attention = cram.dense_routed_attention
-        try:
-            md, memd = timer(run("always"))
-        finally:
-            cram.routed_attention = twin
-    return dict(T=N, p=1 / 64, pass_="fwd", ms=ms, ms_dense=md, ratio=md / ms, ideal=None,
-                mem_MiB=mem, mem_dense_MiB=memd, B=1, H=cfg.n_head, D=cfg.n_embd // cfg.n_head)
 
 
 NV_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -506,38 +453,26 @@ def main():
     args = ap.parse_args()
     if args.ptxas:
         return ptxas_table(args.ptxas, args.quick)
+    from bench import cpu_timer, gpu_timer, print_table
     torch.set_num_threads(1)  # CPU timings on one thread: repeatable, and fair to both sides
     ps = (1, 1 / 4, 1 / 16, 1 / 64)
     if torch.cuda.is_available():  # the kernel, bf16, B*H = 96 as GPT-2 small's 12 heads of 64, B=8
         dev, B, H, D, dtype, timer = "cuda", 8, 12, 64, torch.bfloat16, gpu_timer
         runs = [(T, ps) for T in ((1024, 4096) if args.quick else (1024, 4096, 16384))]
-        impls = [("kernel", routed_attention), ("twin", cram.routed_attention)]
+        impl, attn = "kernel", routed_attention
     else:  # the PyTorch twin in fp32 on a CPU-sized batch; it forms (H, m, span) scores per row,
         # so the dense end (p = 1 at T = 4096: 256 MiB per pass) is left to the full run
         dev, B, H, D, dtype, timer = "cpu", 1, 4, 64, torch.float32, cpu_timer(3 if args.quick else 5)
         runs = ([(1024, ps), (4096, ps[2:])] if args.quick
                 else [(1024, ps), (4096, ps), (16384, ps[2:])])
-        impls = [("twin", cram.routed_attention)]
+        impl, attn = "twin", cram.routed_attention
     print(f"# {dev}: B={B} H={H} D={D} {str(dtype)[6:]}, window=T, routed = every (1/p)-th position, "
-          f"dense = SDPA(is_causal=True) on all T; end-to-end: CRAM n_embd=64 H=4 n_layer=2, fp32")
+          f"dense = SDPA(is_causal=True) on all T; the whole model: python bench.py")
     rows = []
     for T, tps in runs:
-        rows += [dict(device=dev, impl=impls[0][0], dtype=str(dtype)[6:], **r)
-                 for r in attention_rows(dev, B, H, T, D, dtype, tps, impls[0][1], timer)]
-    for name, _ in impls:
-        rows.append(dict(device=dev, impl=f"cram({name}) fixed64 vs always-sdpa", dtype="float32",
-                         **end_to_end(dev, timer, use_kernel=name == "kernel")))
-    print(f"{'device':6} {'impl':30} {'T':>6} {'p':>5} {'pass':8} {'ms':>9} {'ms_dense':>9} "
-          f"{'ratio':>7} {'ideal':>5} {'MiB':>7} {'MiB_dense':>9}")
-    for r in rows:
-        ideal = "-" if r["ideal"] is None else f"{r['ideal']:.0f}"
-        mem = "-" if r["mem_MiB"] is None else f"{r['mem_MiB']:7.0f} {r['mem_dense_MiB']:9.0f}"
-        print(f"{r['device']:6} {r['impl']:30} {r['T']:6d} {'1/%d' % round(1 / r['p']):>5} {r['pass_']:8} "
-              f"{r['ms']:9.2f} {r['ms_dense']:9.2f} {r['ratio']:7.2f} {ideal:>5} {mem}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([{("pass" if k == "pass_" else k): v for k, v in r.items()} for r in rows], f, indent=1)
-
+        rows += [dict(device=dev, impl=impl, dtype=str(dtype)[6:], **r)
+                 for r in attention_rows(dev, B, H, T, D, dtype, tps, attn, timer)]
+    print_table(rows, args.json)
 
 if __name__ == "__main__":
     main()

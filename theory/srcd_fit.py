@@ -1,13 +1,14 @@
 """A CRAM training run read against the theory: SRCD's settings as the theory's parameters, the
 consolidation threshold k fitted to the measured curve, and the power-law exponent gamma.
 
-The generator (train.SRCD) puts Q = max(1, round(srcd_query n)) queries in each length-n sequence,
-round(srcd_recurring Q) of them recurring, their keys drawn uniformly from a pool of P = srcd_pool
-patterns. So the theory's parameters are n = srcd_len, f = Q / n and r = recurring / Q (the rounded
-counts, not the nominal ratios), a uniform pool of P, b = batch_size, and its floor f (1 - r) n / n
-is the share of tokens that are novel queries, train.SRCD.floor. One difference: a pattern appears
-at most once per sequence (drawn without replacement), the theory draws with replacement; the mean
-exposures, r b f n / P per step, are the same, the spread a little smaller.
+The generator (data.SRCD) puts n_query queries in each length-n sequence, n_recurring of them
+recurring, their keys drawn uniformly from a pool of P = srcd_pool patterns. So the theory's
+parameters are n = srcd_len, f = n_query / n and r = n_recurring / n_query (the generator's rounded
+counts, asked of the SRCD object, not the nominal ratios), a uniform pool of P, b = batch_size, and
+its floor f (1 - r) n / n is the share of tokens that are novel queries, data.SRCD.floor. One
+difference: a pattern appears at most once per sequence (drawn without replacement), the theory
+draws with replacement; the mean exposures, r b f n / P per step, are the same, the spread a little
+smaller.
 """
 import json
 import os
@@ -37,10 +38,10 @@ def read_run(run_dir):
 
 def srcd_params(run):
     """The theory's (n_, f_, r_, p, b_) for expected_attention, from a run's settings."""
-    n = run["srcd_len"]
-    Q = max(1, round(run["srcd_query"] * n))
-    return dict(n_=n, f_=Q / n, r_=round(run["srcd_recurring"] * Q) / Q,
-                p=cons.uniform_pool(run["srcd_pool"]), b_=run["batch_size"])
+    import data  # the repository root's data.py (and torch): only when a run is read
+    task = data.make(run)
+    return dict(n_=task.len, f_=task.n_query / task.len, r_=task.n_recurring / task.n_query,
+                p=cons.uniform_pool(task.pool), b_=run["batch_size"])
 
 
 def floor(prm):

@@ -1,0 +1,178 @@
+"""
+The datasets train.py trains on, one class each, all with the same small interface:
+
+    data = SRCD(len=512)                     # a dataclass of the dataset's settings
+    data.vocab_size, data.n_cont, data.n_pred     # what the model needs (CramConfig fields)
+    batch = data.batch(16, rng, "cpu")       # keyword arguments of CRAM.forward
+    out = model(**batch)
+    data.metrics(out, batch)                 # its task scores: 0-dim tensors, no host sync
+    data.describe()                          # one line for the log
+    data.line(m), data.summary(m)            # its part of a log line and of summary.json, from
+                                             # the host copies m of the metrics
+
+train.py exposes each setting as --<prefix><field> (--srcd_len=2048), and a resumed run must keep
+all of them. DATASETS maps --dataset to the class.
+"""
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from cram import ConfigError, class_stats
+
+
+@dataclass
+class SRCD:
+    """Sparse Retrieval in Continuous Dynamics, generated as DESIGN.md sec. 5 lays it out.
+
+    Every position observes a continuous signal (three random sinusoids plus noise) at a time
+    that advances by a Pareto-distributed gap; the model predicts the observation from the past
+    (dynamics MSE). Over this, pairs of events: a binding shows a key with its value, and later a
+    query shows the key and asks for the value (retrieval accuracy). A pair is recurring with
+    probability `recurring` (key from a fixed pool, always the same value) or novel (key id from a
+    separate range with a value drawn fresh for this sequence, so only attention can answer it).
+    Each position holds two token slots: (key, value) at a binding, (key, QUERY) at a query,
+    (NONE, NONE) elsewhere. The token classes: recurring queries, novel queries, other tokens.
+    """
+    len: int = 512            # tokens per sequence; the paper's generator uses 2048
+    query: float = 0.05       # share of positions that are queries
+    recurring: float = 0.7    # share of bindings from the fixed pool shared by all sequences
+    pool: int = 100           # recurring (key -> value) patterns
+    novel_keys: int = 200     # key ids for novel bindings; their values are fresh in every sequence
+    values: int = 64          # value ids
+    pareto: float = 2.5       # tail index of the Pareto time gaps
+    gap: float = 0.2          # mean time gap
+    noise: float = 0.05       # observation noise of the continuous signal
+    pool_seed: int = 0        # the recurring pool is part of the task: fixed unless changed here
+
+    prefix = "srcd_"          # class attributes, not settings
+    n_cont, n_pred = 2, 1     # continuous inputs (previous observation, log gap); the observation
+    NONE, QUERY = 0, 1        # token ids: an empty slot, the query marker
+
+    def __post_init__(self):
+        n = self.len
+        self.n_query = max(1, round(self.query * n))
+        self.n_recurring = round(self.recurring * self.n_query)
+        self.n_novel = self.n_query - self.n_recurring
+        p = self.prefix
+        for ok, msg in [(n >= 2, f"{p}len={n}: expected >= 2"),
+                        (2 * self.n_query <= n, f"{p}query={self.query}: at most half the positions can be queries"),
+                        (0 <= self.recurring <= 1, f"{p}recurring={self.recurring}: expected in [0, 1]"),
+                        (self.n_recurring <= self.pool, f"{p}pool={self.pool}: fewer than the {self.n_recurring} recurring pairs per sequence"),
+                        (self.n_novel <= self.novel_keys, f"{p}novel_keys={self.novel_keys}: fewer than the {self.n_novel} novel pairs per sequence"),
+                        (self.values >= 2, f"{p}values={self.values}: expected >= 2"),
+                        (self.pareto > 1, f"{p}pareto={self.pareto}: expected > 1 (a finite mean gap)"),
+                        (self.gap > 0 and self.noise >= 0, f"{p}gap must be > 0 and {p}noise >= 0")]:
+            if not ok:
+                raise ConfigError(msg)
+        self.key0 = 2                          # recurring keys, then novel keys, then values
+        self.novel0 = self.key0 + self.pool
+        self.value0 = self.novel0 + self.novel_keys
+        self.vocab_size = self.value0 + self.values
+        self.pool_values = np.random.default_rng(self.pool_seed).integers(self.values, size=self.pool)
+
+    @property
+    def floor(self):
+        """Attention floor: the share of tokens only attention can answer (novel queries)."""
+        return self.n_novel / self.len
+
+    def sequence(self, rng):
+        """One sequence as numpy arrays: tokens (n, 2), time gaps (n,), cont (n, 2), targets (n,),
+        the observations to predict (n, 1)."""
+        n = self.len
+        tokens = np.zeros((n, 2), np.int64)
+        targets = np.full(n, -1, np.int64)
+        pairs = np.sort(rng.choice(n, (self.n_query, 2), replace=False), axis=1)  # (bind, query)
+        recurring = rng.permutation(self.n_query) < self.n_recurring
+        keys = np.empty(self.n_query, np.int64)
+        values = np.empty(self.n_query, np.int64)
+        rk = rng.choice(self.pool, self.n_recurring, replace=False)
+        keys[recurring], values[recurring] = self.key0 + rk, self.pool_values[rk]
+        keys[~recurring] = self.novel0 + rng.choice(self.novel_keys, self.n_novel, replace=False)
+        values[~recurring] = rng.integers(self.values, size=self.n_novel)
+        tokens[pairs[:, 0]] = np.stack([keys, self.value0 + values], 1)
+        tokens[pairs[:, 1], 0], tokens[pairs[:, 1], 1] = keys, self.QUERY
+        targets[pairs[:, 1]] = self.value0 + values
+        # the signal: Pareto gaps (x_m chosen so the mean gap is `gap`), three sinusoids
+        gaps = (rng.pareto(self.pareto, n) + 1) * self.gap * (self.pareto - 1) / self.pareto
+        tau = np.cumsum(gaps)
+        amp, freq, phase = rng.uniform(0.5, 1, 3), rng.uniform(0.5, 3, 3), rng.uniform(0, 2 * np.pi, 3)
+        y = (amp * np.sin(freq * tau[:, None] + phase)).sum(1) / np.sqrt(1.5)
+        y = y + self.noise * rng.standard_normal(n)
+        y_prev = np.concatenate([[0.0], y[:-1]])
+        cont = np.stack([y_prev, np.log1p(gaps)], 1)
+        return tokens, gaps, cont, targets, y[:, None]
+
+    def batch(self, b, rng, device="cpu"):
+        """b sequences -> CRAM.forward's keyword arguments: tokens (b, n, 2), dtau (b, n),
+        cont (b, n, 2), targets (b, n), pred_targets (b, n, 1)."""
+        cols = [np.stack(c) for c in zip(*(self.sequence(rng) for _ in range(b)))]
+        names = ("tokens", "dtau", "cont", "targets", "pred_targets")
+        out = {k: torch.from_numpy(c) for k, c in zip(names, cols)}
+        for k in ("dtau", "cont", "pred_targets"):
+            out[k] = out[k].float()
+        return {k: to_device(v, device) for k, v in out.items()}
+
+    def classes(self, tokens):
+        """The token classes of a batch, read off its tokens (b, n, 2): {name: (b, n) bool}."""
+        query = tokens[..., 1] == self.QUERY
+        recurring = query & (tokens[..., 0] < self.novel0)
+        return dict(recurring=recurring, novel=query & ~recurring, other=~query)
+
+    def metrics(self, out, batch):
+        """Retrieval accuracy over all queries and per class (acc, acc_recurring, acc_novel) and
+        routing per class (cram.class_stats); the dynamics MSE is the loss term mse."""
+        hit = (out["logits"].argmax(-1) == batch["targets"]).float()
+        classes = self.classes(batch["tokens"])
+        m = {"acc": (hit * (batch["targets"] >= 0)).sum() / (batch["targets"] >= 0).sum()}
+        for name in ("recurring", "novel"):
+            m[f"acc_{name}"] = (hit * classes[name]).sum() / classes[name].sum()
+        return {**m, **class_stats(out["routing"], classes)}
+
+    def describe(self):
+        return (f"srcd: {self.len} tokens, {self.n_query} queries ({self.n_recurring} recurring, "
+                f"{self.n_novel} novel) | attention floor {100 * self.floor:.2f}% (queries "
+                f"{100 * self.query:g}% x novel {100 * (1 - self.recurring):g}%)")
+
+    def line(self, m):
+        """Accuracy and attention per query class, and q_hat: the consolidation at a glance."""
+        g = lambda k: m.get(k, float("nan"))
+        return (f"acc {g('acc'):.4f} (rec {g('acc_recurring'):.4f} nov {g('acc_novel'):.4f}) | "
+                f"attn rec {100 * g('attn_recurring'):.1f}% nov {100 * g('attn_novel'):.1f}% "
+                f"other {100 * g('attn_other'):.2f}% | q rec {g('q_recurring'):.2f} nov {g('q_novel'):.2f}")
+
+    def summary(self, m):
+        return dict(retrieval_acc=m.get("acc"), acc_recurring=m.get("acc_recurring"),
+                    acc_novel=m.get("acc_novel"), attn_floor=self.floor,
+                    attn_recurring=m.get("attn_recurring"), attn_novel=m.get("attn_novel"),
+                    attn_other=m.get("attn_other"), dynamics_mse=m.get("mse"))
+
+
+def to_device(x, device):
+    """A CPU tensor onto device; to CUDA from pinned memory without waiting for the GPU (nanoGPT)."""
+    if str(device).startswith("cuda"):
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+DATASETS = {"srcd": SRCD}
+
+
+def settings():
+    """Every dataset's settings as train.py's flags: {prefix + field: default}."""
+    return {cls.prefix + f.name: f.default for cls in DATASETS.values() for f in fields(cls)}
+
+
+def setting_keys(name):
+    """The flags of dataset `name`: a resumed run must keep each of them."""
+    cls = DATASETS[name]
+    return tuple(cls.prefix + f.name for f in fields(cls))
+
+
+def make(run):
+    """The dataset run["dataset"] names, built from its flags in the run dict."""
+    if run["dataset"] not in DATASETS:
+        raise ConfigError(f"--dataset={run['dataset']}: expected one of {tuple(DATASETS)}")
+    cls = DATASETS[run["dataset"]]
+    return cls(**{f.name: run[cls.prefix + f.name] for f in fields(cls)})
+
