@@ -31,6 +31,8 @@ class SRCD:
     query shows the key and asks for the value (retrieval accuracy). A pair is recurring with
     probability `recurring` (key from a fixed pool, always the same value) or novel (key id from a
     separate range with a value drawn fresh for this sequence, so only attention can answer it).
+    With shared_keys the pool is a random subset of one key space and the novel keys are the rest,
+    as theory/lower_bound.py's deployment bound assumes.
     Each position holds two token slots: (key, value) at a binding, (key, QUERY) at a query,
     (NONE, NONE) elsewhere. The token classes: recurring queries, novel queries, other tokens.
     """
@@ -44,6 +46,8 @@ class SRCD:
     gap: float = 0.2          # mean time gap
     noise: float = 0.05       # observation noise of the continuous signal
     pool_seed: int = 0        # the recurring pool is part of the task: fixed unless changed here
+    shared_keys: bool = False # draw the pool at random from one key space shared with the novel keys,
+                              # so a key id says nothing of recurrence (theory: Theorem 2)
 
     prefix = "srcd_"          # class attributes, not settings
     n_cont, n_pred = 2, 1     # continuous inputs (previous observation, log gap); the observation
@@ -65,11 +69,15 @@ class SRCD:
                         (self.gap > 0 and self.noise >= 0, f"{p}gap must be > 0 and {p}noise >= 0")]:
             if not ok:
                 raise ConfigError(msg)
-        self.key0 = 2                          # recurring keys, then novel keys, then values
-        self.novel0 = self.key0 + self.pool
-        self.value0 = self.novel0 + self.novel_keys
+        self.key0 = 2                          # key ids, then value ids
+        self.value0 = self.key0 + self.pool + self.novel_keys
         self.vocab_size = self.value0 + self.values
-        self.pool_values = np.random.default_rng(self.pool_seed).integers(self.values, size=self.pool)
+        rng = np.random.default_rng(self.pool_seed)
+        self.pool_values = rng.integers(self.values, size=self.pool)
+        keys = self.key0 + (rng.permutation(self.pool + self.novel_keys) if self.shared_keys
+                            else np.arange(self.pool + self.novel_keys))
+        self.pool_keys, self.novel_key_ids = keys[:self.pool], keys[self.pool:]  # (pool,), (novel_keys,)
+        self.in_pool = np.isin(np.arange(self.vocab_size), self.pool_keys)     # (vocab,) bool
 
     @property
     def floor(self):
@@ -87,8 +95,8 @@ class SRCD:
         keys = np.empty(self.n_query, np.int64)
         values = np.empty(self.n_query, np.int64)
         rk = rng.choice(self.pool, self.n_recurring, replace=False)
-        keys[recurring], values[recurring] = self.key0 + rk, self.pool_values[rk]
-        keys[~recurring] = self.novel0 + rng.choice(self.novel_keys, self.n_novel, replace=False)
+        keys[recurring], values[recurring] = self.pool_keys[rk], self.pool_values[rk]
+        keys[~recurring] = self.novel_key_ids[rng.choice(self.novel_keys, self.n_novel, replace=False)]
         values[~recurring] = rng.integers(self.values, size=self.n_novel)
         tokens[pairs[:, 0]] = np.stack([keys, self.value0 + values], 1)
         tokens[pairs[:, 1], 0], tokens[pairs[:, 1], 1] = keys, self.QUERY
@@ -116,7 +124,7 @@ class SRCD:
     def classes(self, tokens):
         """The token classes of a batch, read off its tokens (b, n, 2): {name: (b, n) bool}."""
         query = tokens[..., 1] == self.QUERY
-        recurring = query & (tokens[..., 0] < self.novel0)
+        recurring = query & torch.as_tensor(self.in_pool, device=tokens.device)[tokens[..., 0]]
         return dict(recurring=recurring, novel=query & ~recurring, other=~query)
 
     def metrics(self, out, batch):

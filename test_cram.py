@@ -6,6 +6,7 @@ fp32 on CPU throughout, so 1e-5 leaves room for reordered sums and nothing more.
 kernel.py's Triton kernels run on the CPU under the Triton interpreter (TRITON_INTERPRET=1, set
 below before anything imports triton), in fp32, against their PyTorch twins in cram.py.
 """
+import dataclasses
 import inspect
 import json
 import math
@@ -470,9 +471,10 @@ def class_ids(task, tokens):
     return (c["recurring"].long() + 2 * c["novel"].long()).numpy()
 
 
-@given(n=st.integers(40, 600), query=st.floats(0.01, 0.2), recurring=st.floats(0, 1), seed=st.integers(0, 2**16))
-def test_srcd_invariants(n, query, recurring, seed):
-    task = srcd(srcd_len=n, srcd_query=query, srcd_recurring=recurring)
+@given(n=st.integers(40, 600), query=st.floats(0.01, 0.2), recurring=st.floats(0, 1), seed=st.integers(0, 2**16),
+       shared=st.booleans())
+def test_srcd_invariants(n, query, recurring, seed, shared):
+    task = srcd(srcd_len=n, srcd_query=query, srcd_recurring=recurring, srcd_shared_keys=shared)
     batch = task.batch(4, np.random.default_rng(seed))
     tok, tgt, cls = batch["tokens"].numpy(), batch["targets"].numpy(), class_ids(task, batch["tokens"])
     for i in range(4):
@@ -483,7 +485,7 @@ def test_srcd_invariants(n, query, recurring, seed):
             bound = np.flatnonzero((tok[i, :t, 0] == tok[i, t, 0]) & (tok[i, :t, 1] >= task.value0))
             assert len(bound) == 1 and tok[i, bound[0], 1] == tgt[i, t]
             if cls[i, t] == 1:  # a recurring key asks for its pool value, in every sequence
-                assert tgt[i, t] == task.value0 + task.pool_values[tok[i, t, 0] - task.key0]
+                assert tgt[i, t] == task.value0 + task.pool_values[list(task.pool_keys).index(tok[i, t, 0])]
     assert abs(task.n_recurring / task.n_query - recurring) <= 0.5 / task.n_query + 1e-9
     assert (batch["dtau"] > 0).all() and torch.isfinite(batch["pred_targets"]).all()
 
@@ -493,11 +495,11 @@ def test_srcd_recurring_keys_keep_their_value_and_novel_ones_do_not():
     batch = task.batch(64, np.random.default_rng(0))
     tok, cls = batch["tokens"].numpy(), class_ids(task, batch["tokens"])
     binds = tok[tok[:, :, 1] >= task.value0]
-    rec = binds[binds[:, 0] < task.novel0]
+    rec = binds[task.in_pool[binds[:, 0]]]
     values = {}
     for k, v in rec:
         assert values.setdefault(k, v) == v, f"recurring key {k} has two values"
-    nov = binds[binds[:, 0] >= task.novel0]
+    nov = binds[~task.in_pool[binds[:, 0]]]
     seen = {}
     for k, v in nov:
         seen.setdefault(k, set()).add(v)
@@ -506,6 +508,21 @@ def test_srcd_recurring_keys_keep_their_value_and_novel_ones_do_not():
     assert abs((cls == 2).mean() - task.floor) < 1e-12
     assert abs(task.floor - 0.05 * 0.3) < 0.002
 
+
+
+def test_srcd_shared_keys_draws_the_pool_from_one_key_space():
+    """By default the pool is the first block of key ids (so earlier runs repeat); with
+    srcd_shared_keys it is a random subset of the same key space and the novel keys are the rest,
+    so key ids below or above any threshold are a mix of both."""
+    plain, shared = srcd(), srcd(srcd_shared_keys=True)
+    space = np.arange(plain.key0, plain.value0)
+    assert (plain.pool_keys == space[:plain.pool]).all()
+    for task in (plain, shared):
+        assert sorted([*task.pool_keys, *task.novel_key_ids]) == list(space)
+        assert task.in_pool.sum() == task.pool and task.in_pool[task.pool_keys].all()
+    low = space[:len(space) // 2]
+    assert plain.in_pool[low].mean() == plain.pool / len(low)                      # the pool fills the low ids
+    assert abs(shared.in_pool[low].mean() - shared.pool / len(space)) < 0.1        # spread evenly
 
 
 def test_at_init_a_query_attends_to_the_binding_of_its_key():
@@ -1002,7 +1019,7 @@ chances = st.sampled_from([0.0, 0.1, 0.25, 0.5])  # c = 0 (wrong) or guessing am
 @settings(max_examples=100)
 @given(fam=families(), delta=st.floats(0.0, 0.9), c=chances)
 def test_theory_brute_force_never_below_bound(fam, delta, c):
-    bound = theory.static_bound(fam.n, fam.f, delta, c)
+    bound = theory.before_consolidation_bound(fam.n, fam.f, delta, c)
     least, name, _ = theory.brute_force(fam, delta, c)
     assert least >= bound - lb.TOL, f"{name} reaches 1-delta with {least} < bound {bound}"
     assert least <= math.ceil(bound - lb.TOL), f"{least} above ceil(bound {bound})"  # tight up to rounding
@@ -1018,9 +1035,70 @@ def test_theory_bound_is_met(fam, c, draws):
     # pick delta so that the bound is an integer a: the least count must then be exactly a
     a = draws.draw(st.integers(0, fam.q), label="routed queries")
     delta = 1 - c - (1 - c) * a / fam.q
-    assert math.isclose(theory.static_bound(fam.n, fam.f, delta, c), a, abs_tol=1e-9)
+    assert math.isclose(theory.before_consolidation_bound(fam.n, fam.f, delta, c), a, abs_tol=1e-9)
     least, name, _ = theory.brute_force(fam, delta, c)
     assert abs(least - a) < 1e-9, f"least {least} ({name}) != bound {a}"
+
+
+DEPLOY = {  # (K keys, P in the pool, q queries, R recurring, V values): every pool draw enumerated
+    "K5-P2-q2-R1-V2": (5, 2, 2, 1, 2),
+    "K6-P3-q3-R2-V2": (6, 3, 3, 2, 2),
+    "K6-P2-q3-R1-V3": (6, 2, 3, 1, 3),
+}
+
+
+@pytest.mark.parametrize("inst", DEPLOY.values(), ids=DEPLOY.keys())
+def test_theory_deployment_no_static_scheme_beats_the_bound(inst):
+    """Theorem 2 by enumeration: exact expectations over every pool draw (no sampling error), every
+    static scheme enumerated (slot sets, key-id sets, both, value sets, ranks, random lookup tables
+    of the whole sequence, randomised rules) pays at least deployment_bound for the accuracy it
+    reaches, with c = 0 and c = 1/V; and the bound is met whenever a slot set reaches it exactly."""
+    d = theory.enumerate_pool_draws(*inst, n=3 * inst[2])
+    for c in (0.0, 1 / d.V):
+        table = lb.deployment_table(d, c, tables=100)
+        assert lb.deployment_violations(d, theory.deployment_bound, c, table=table) == []
+        for j in range(d.q + 1):  # delta such that the bound is j tokens: "route j slots" meets it
+            delta = (1 - j / d.q) * (1 - d.r) * (1 - c)
+            assert math.isclose(theory.deployment_bound(d.n, d.f, d.r, delta, c), j, abs_tol=1e-9)
+            least, name, _ = theory.deployment_brute_force(d, delta, c, table=table)
+            assert abs(least - j) < 1e-6, (j, least, name)
+
+
+@pytest.mark.parametrize("wrong", lb.WRONG_BOUNDS, ids=list(lb.WRONG_BOUNDS))
+def test_theory_deployment_brute_force_catches_wrong_bounds(wrong):
+    """The brute force could catch a wrong theorem: a bound one token too strong, or one that
+    ignores the recurring share r or the chance rate c, is beaten by enumerated static schemes."""
+    d = theory.enumerate_pool_draws(*DEPLOY["K6-P3-q3-R2-V2"], n=9)
+    assert lb.deployment_violations(d, lb.WRONG_BOUNDS[wrong], 1 / d.V, tables=100), \
+        f"no static scheme beats the wrong bound '{wrong}'"
+
+
+def test_theory_deployment_brute_force_catches_a_leaky_generator():
+    """The brute force would also catch a generator that breaks exchangeability: give the recurring
+    queries the smallest keys of their sequence, and the static rank rule "route the largest key"
+    beats the bound (so do key-id rules: small ids now lean recurring)."""
+    d = theory.enumerate_pool_draws(*DEPLOY["K6-P3-q3-R2-V2"], n=9)
+    leaky = np.empty_like(d.keys)
+    np.put_along_axis(leaky, np.argsort(~d.recurring, axis=1, kind="stable"), np.sort(d.keys, 1), 1)
+    beaten = lb.deployment_violations(dataclasses.replace(d, keys=leaky), theory.deployment_bound, tables=0)
+    assert "1 largest keys" in beaten, beaten  # route the largest key: the novel query
+
+
+@pytest.mark.parametrize("inst", DEPLOY.values(), ids=DEPLOY.keys())
+def test_theory_deployment_consolidating_scheme_escapes(inst):
+    """Reading S is what the bound excludes: routing the novel queries (the consolidating scheme at
+    C = S, or an oracle) reaches accuracy 1 with f (1 - r) n, below the static bound f n, and for
+    every delta pays (1 - r) times the static bound."""
+    d = theory.enumerate_pool_draws(*inst, n=3 * inst[2])
+    for c in (0.0, 1 / d.V):
+        attn, acc = theory.deployment_evaluate(d, ~d.recurring, c)
+        assert acc == 1 and math.isclose(attn, d.q * (1 - d.r))
+        assert math.isclose(attn, theory.consolidated_cost(d.n, d.f, d.r, 0.0, c))
+        assert attn < theory.deployment_bound(d.n, d.f, d.r, 0.0, c)
+        for p in (0.25, 0.5):  # novel queries each routed with probability p
+            attn, acc = theory.deployment_evaluate(d, ~d.recurring * p, c)
+            assert math.isclose(attn, theory.consolidated_cost(d.n, d.f, d.r, 1 - acc, c))
+            assert math.isclose(attn, (1 - d.r) * theory.deployment_bound(d.n, d.f, d.r, 1 - acc, c))
 
 
 @settings(max_examples=20)

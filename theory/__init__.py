@@ -2,8 +2,9 @@
 (notebooks/01_lower_bound.py .. 03_srcd_curves.py) and the tests both call.
 
 One idea per file:
-  instances.py      a task instance: n tokens, q = f n queries, recurring (pool) vs novel bindings
-  lower_bound.py    static vs consolidating schemes, the theorem and its proof, the brute force
+  instances.py      task instances: fixed families, and every draw of a pool unknown in advance
+  lower_bound.py    static vs consolidating schemes: the bound before consolidation (any scheme),
+                    the bound at deployment (static schemes), their proofs and brute forces
   consolidation.py  a learner that consolidates a pattern after k exposures: closed form, simulation
   zipf.py           why attention falls as a power law: a Zipf(s) pool gives gamma = 1 - 1/s
   figures.py        where the notebooks save their plots
@@ -15,8 +16,10 @@ Glossary (code -> DESIGN.md section 7):
   t  training step              delta  allowed error          c  chance accuracy of an unrouted query
   C  consolidated keys          s  Zipf exponent of the pool  gamma  power-law exponent, attention vs t
 """
-from .instances import BIND, QUERY, SIGNAL, Family, make_family
-from .lower_bound import brute_force, consolidating_route, evaluate, static_bound, static_schemes
+from .instances import BIND, QUERY, SIGNAL, Family, PoolDraws, enumerate_pool_draws, make_family
+from .lower_bound import (before_consolidation_bound, brute_force, consolidated_cost, consolidating_route,
+                          deployment_bound, deployment_brute_force, deployment_evaluate,
+                          deployment_schemes, evaluate, static_schemes)
 from .consolidation import (at, closed_form, closed_form_limit, expected_attention, poisson_form,
                             simulate, uniform_pool, z_scores)
 from .zipf import (derive_tail, fit_power_law, frontier, gamma_of_s, power_law_steps, s_of_gamma,

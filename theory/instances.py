@@ -1,4 +1,8 @@
-"""A task instance: SRCD (DESIGN.md section 5) cut down to sizes small enough to enumerate.
+"""Task instances: SRCD (DESIGN.md section 5) cut down to sizes small enough to enumerate.
+
+Family: m fixed sequences, for the bound before anything is consolidated. PoolDraws: every outcome
+of a sequence whose recurring pool is drawn at random from one key space, for the bound at
+deployment.
 
 A sequence has n tokens of three types: SIGNAL (the continuous dynamics), BIND (shows a key and
 its value) and QUERY (shows a key bound earlier in the same sequence and asks for its value).
@@ -7,6 +11,7 @@ Every sequence has exactly q queries, so the query frequency is f = q / n. Each 
 the same value) or *novel* (fresh, never seen in any other sequence). A family is m equally likely
 sequences; accuracies and attention counts are averages over it.
 """
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,3 +72,57 @@ def make_family(n, q, m, r=0.7, P=4, seed=0):
     rng = np.random.default_rng(seed)
     seqs = [sample_sequence(rng, n, q, r, P, novel_base=P + s * n) for s in range(m)]
     return Family(*(np.stack(a) for a in zip(*seqs)), P=P)
+
+
+@dataclass(frozen=True)
+class PoolDraws:
+    """Every equally likely outcome of one deployed sequence when the pool is unknown in advance,
+    enumerated (DESIGN.md section 7), so expectations over pool draws are exact sums, not samples.
+
+    Keys are exchangeable: the pool S is a uniformly random P-subset of one key space {0 .. K-1}. A
+    sequence has q queries, exactly R of them recurring (a uniformly random set of the q query
+    slots); recurring queries ask distinct keys of S, novel ones distinct keys of K minus S; every
+    value is uniform over V values (a pool key keeps its value across sequences, but one sequence
+    shows it once). The sequence also holds q bindings and n - 2q signal tokens, which a scheme
+    gains nothing by routing. What a static scheme may read: keys and values, by query slot. What
+    only a consolidating scheme (or an oracle) reads: S, hence which queries recur.
+    """
+    keys: np.ndarray       # (N, q) int: the key each query asks
+    values: np.ndarray     # (N, q) int: the value bound to it in this sequence
+    recurring: np.ndarray  # (N, q) bool: the key is in S
+    n: int                 # tokens per sequence
+    K: int                 # key space size
+    P: int                 # pool size |S|
+    V: int                 # value space size
+
+    @property
+    def q(self): return self.keys.shape[1]
+
+    @property
+    def f(self): return self.q / self.n
+
+    @property
+    def r(self): return float(self.recurring[0].sum()) / self.q  # exactly R / q in every outcome
+
+
+def enumerate_pool_draws(K, P, q, R, V, n=None):
+    """All outcomes of PoolDraws, each listed once (they are equally likely): pool S, recurring
+    slots, the keys (ordered draws without replacement) and the values."""
+    n = n or 2 * q
+    assert R <= min(q, P) and q - R <= K - P and 2 * q <= n, "the instance does not fit"
+    keys, recurring = [], []
+    for S in itertools.combinations(range(K), P):
+        rest = [k for k in range(K) if k not in S]
+        for slots in itertools.combinations(range(q), R):
+            rec = np.isin(np.arange(q), slots)
+            for rk in itertools.permutations(S, R):
+                for nk in itertools.permutations(rest, q - R):
+                    row = np.empty(q, int)
+                    row[rec], row[~rec] = rk, nk
+                    keys.append(row)
+                    recurring.append(rec)
+    values = np.array(list(itertools.product(range(V), repeat=q)))          # (V^q, q)
+    keys, recurring = np.array(keys), np.array(recurring)
+    N = len(keys)
+    return PoolDraws(keys=np.repeat(keys, len(values), 0), values=np.tile(values, (N, 1)),
+                     recurring=np.repeat(recurring, len(values), 0), n=n, K=K, P=P, V=V)
