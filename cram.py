@@ -39,7 +39,8 @@ import torch.nn.functional as F
 
 TIERS = ("working", "episodic", "semantic")
 W, E, S = 0, 1, 2  # tier indices in the router's output
-WM_KINDS = ("gated", "ctrnn")
+WM_KINDS = ("gated", "ctrnn", "palimpsa", "mamba2", "none")
+PALIMPSA_PARAMS = ("code", "paper")
 ATTN_IMPLS = ("auto", "twin", "kernel", "dense")
 
 
@@ -54,10 +55,14 @@ class RouterMode:
     spot_checks: bool   # in training, a share eps of the other tokens also runs attention
     penalty: str        # compute penalty on P(E): "q" charges it in proportion to q_hat (when
                         # cfg.penalty_q, else flat), "flat" always P(E), "none" nothing
+    semantic: bool = True  # S is a tier the router may choose; False: W or E only
 
 
-ROUTER_MODES = {  # the paper's router, its ablation without consolidation, and three baselines
+ROUTER_MODES = {  # the paper's router, its ablations, and three baselines
     "learned": RouterMode("router", reads_q=True, consolidates=True, spot_checks=True, penalty="q"),
+    "no_q": RouterMode("router", reads_q=False, consolidates=True, spot_checks=True, penalty="q"),
+    "no_semantic": RouterMode("router", reads_q=True, consolidates=True, spot_checks=True, penalty="q",
+                              semantic=False),
     "static": RouterMode("router", reads_q=False, consolidates=False, spot_checks=True, penalty="flat"),
     "always": RouterMode("all", reads_q=True, consolidates=True, spot_checks=False, penalty="none"),
     "never": RouterMode("none", reads_q=True, consolidates=True, spot_checks=False, penalty="none"),
@@ -81,10 +86,14 @@ class CramConfig:
     attn_impl: str = "auto"  # how attention runs: auto, twin, kernel or dense (attention_impl);
                              # auto: dense SDPA if every token is routed, on CUDA the kernel, else twin
     sem_rank: int = 0        # semantic memory rank; 0 means d/16 as in the paper
-    wm_kind: str = "gated"   # "gated": chunked-scan linear recurrence; "ctrnn": the paper's update
+    wm_kind: str = "gated"   # gated (chunked-scan recurrence), ctrnn (CRAM paper's), palimpsa, mamba2, none
+    palimpsa_param: str = "code"  # palimpsa/mamba2 gates: "code" (the authors' code) or "paper"
+    palimpsa_prior: float = 1.0   # I_prior of palimpsa_param="paper" (the code's is fixed at 1)
+    n_positions: int = 0     # learned absolute position embeddings (nanoGPT) for this many tokens;
+                             # 0: none, order comes from working memory (a transformer baseline needs them)
     wm_chunk: int = 16       # chunk length of the parallel scan
     ctrnn_steps: int = 2     # K, Euler steps per token of the paper's update
-    router_mode: str = "learned"  # a row of ROUTER_MODES: learned, static, always, never, fixed
+    router_mode: str = "learned"  # a row of ROUTER_MODES: learned, no_q, no_semantic, static, always, ...
     fixed_every: int = 16    # router_mode="fixed": attention on every k-th token
     tau_start: float = 1.0   # Gumbel-softmax temperature, annealed to tau_end over training
     tau_end: float = 0.3     # the temperature at the end of training
@@ -116,7 +125,10 @@ class CramConfig:
             ("attn_impl", self.attn_impl in ATTN_IMPLS, f"one of {ATTN_IMPLS}"),
             ("sem_rank", 0 <= self.sem_rank <= self.n_embd, f"0 (= d/16) .. n_embd={self.n_embd}"),
             ("wm_kind", self.wm_kind in WM_KINDS, f"one of {WM_KINDS}"),
+            ("palimpsa_param", self.palimpsa_param in PALIMPSA_PARAMS, f"one of {PALIMPSA_PARAMS}"),
+            ("palimpsa_prior", self.palimpsa_prior > 0, "> 0"),
             ("wm_chunk", self.wm_chunk > 0, "a positive int"),
+            ("n_positions", self.n_positions >= 0, ">= 0"),
             ("ctrnn_steps", self.ctrnn_steps > 0, "a positive int"),
             ("router_mode", self.router_mode in ROUTER_MODES, f"one of {tuple(ROUTER_MODES)}"),
             ("fixed_every", self.fixed_every > 0, "a positive int"),
@@ -238,8 +250,8 @@ def gated_scan_chunked(log_a, x, chunk):
     B, T, D = x.shape
     n = -(-T // chunk)
     pad = (0, 0, 0, n * chunk - T)  # log_a = 0, x = 0 on padding: the state passes unchanged
-    la = F.pad(log_a, pad).view(B * n, chunk, D)
-    h = doubling_scan(la, F.pad(x, pad).view(B * n, chunk, D))             # (B n, C, D)
+    la = F.pad(log_a, pad).reshape(B * n, chunk, D)  # reshape: inputs of any memory layout
+    h = doubling_scan(la, F.pad(x, pad).reshape(B * n, chunk, D))          # (B n, C, D)
     L = la.cumsum(1).view(B, n, chunk, D)
     ends = doubling_scan(L[:, :, -1], h[:, -1].view(B, n, D))              # (B, n, D)
     start = F.pad(ends, (0, 0, 1, 0))[:, :-1]                              # entering chunk j
@@ -306,6 +318,116 @@ class CTRNNMemory(nn.Module):
             h = self.step(h, x[:, t], dtau[:, t])
             out.append(h)
         return self.out_proj(torch.stack(out, 1))
+
+
+def causal_conv(x, weight):
+    """Depthwise causal convolution over time: x (B, T, C), weight (C, w) -> (B, T, C); y_t sees
+    x_{t-w+1} .. x_t. The short convolution gated linear attention layers put before q, k, v."""
+    w = weight.shape[1]
+    return F.conv1d(F.pad(x.transpose(1, 2), (w - 1, 0)), weight[:, None], groups=x.shape[2]).transpose(1, 2)
+
+
+def palimpsa_scan_sequential(log_a, v, k, b, q, prior, scale):
+    """Palimpsa's recurrence (DESIGN.md sec. 8), one token at a time per head (the test oracle):
+        M_t = a_t M_{t-1} + v_t k_t^T,   Ibar_t = a_t Ibar_{t-1} + b_t (k_t^2)^T,
+        mu_t = M_t / (Ibar_t + I_prior),   y_t = scale * mu_t q_t
+    with M = I * mu and Ibar = I - I_prior carried instead of mu and I. log_a: (B, T, H); v, b:
+    (B, T, H, Dv); k, q: (B, T, H, Dk) -> y (B, T, H, Dv). b = 0 keeps Ibar = 0: gated linear
+    attention with the decay a_t (Mamba2's, in the authors' parametrisation)."""
+    B, T, H, Dv = v.shape
+    M = v.new_zeros(B, H, Dv, k.shape[-1])
+    Ibar = torch.zeros_like(M)
+    out = []
+    for t in range(T):
+        a = log_a[:, t].exp()[..., None, None]                                # (B, H, 1, 1)
+        M = a * M + v[:, t, :, :, None] * k[:, t, :, None, :]
+        Ibar = a * Ibar + b[:, t, :, :, None] * k[:, t, :, None, :] ** 2
+        out.append(scale * ((M / (Ibar + prior)) @ q[:, t, :, :, None])[..., 0])
+    return torch.stack(out, 1)
+
+
+def palimpsa_scan_chunked(log_a, v, k, b, q, prior, scale, chunk):
+    """palimpsa_scan_sequential through gated_scan_chunked: M and Ibar share one decay per head, so
+    both are diagonal linear recurrences over their (Dv x Dk) entries, scanned in chunks with the
+    log-space cumulative decay and carried across chunks. Every state is materialised, since mu
+    divides entry by entry: memory O(T H Dv Dk), the price of metaplasticity in plain PyTorch."""
+    B, T, H, Dv = v.shape
+    Dk = k.shape[-1]
+    la = log_a[..., None, None].expand(B, T, H, Dv, Dk).reshape(B, T, -1)
+    M = gated_scan_chunked(la, (v[..., :, None] * k[..., None, :]).reshape(B, T, -1), chunk)
+    Ibar = gated_scan_chunked(la, (b[..., :, None] * k[..., None, :] ** 2).reshape(B, T, -1), chunk)
+    mu = (M / (Ibar + prior)).view(B, T, H, Dv, Dk)
+    return scale * torch.einsum("bthvk,bthk->bthv", mu, q)
+
+
+class PalimpsaMemory(nn.Module):
+    """Palimpsa (arXiv 2602.09075) as working memory: multi-head gated linear attention whose every
+    state entry has an importance Ibar; a synapse's learning rate is b / (Ibar + I_prior), so what
+    was written hard is overwritten slowly (metaplasticity). wm_kind="palimpsa"; "mamba2" is the
+    same layer with b = 0, where Ibar stays 0 and it is gated linear attention with Mamba2's decay.
+
+    Two parametrisations of (a_t, v_t, b_t, I_prior), cfg.palimpsa_param:
+      "code" (default, the authors' public code): a_t = exp(-dt_t A) per head, dt_t =
+        softplus(W_dt x + b_dt), A = exp(A_log); v = bs * v', bs = sigmoid(W_bs x) per head;
+        b = sigmoid(low-rank(x)) * softplus(b_scale) * bs; I_prior = 1; y = mu q / sqrt(Dk).
+        The default because it is what the paper's experiments ran, and at b = 0 it is exactly the
+        Mamba2-style layer we compare against.
+      "paper" (its appendix derivation): gamma = sigmoid(W_g x) per head, beta = gamma *
+        sigmoid(W_b x) per value channel, a_t = 1 - gamma / N (N > 1 a learned window per head),
+        v = beta * v', b = beta, I_prior = cfg.palimpsa_prior; y = mu q. As I_prior grows, Ibar
+        matters less and I_prior * y tends to the plain gated linear recurrence.
+    Both take the time gap: a_t is raised to the power dtau_t (log a_t * dtau_t), as the gated memory
+    decays over the gap. q and k are L2-normalised per head after a short causal convolution (4).
+    """
+
+    def __init__(self, cfg, metaplastic=True):
+        super().__init__()
+        d, H = cfg.n_embd, cfg.n_head
+        self.H, self.D, self.param, self.metaplastic = H, d // H, cfg.palimpsa_param, metaplastic
+        self.chunk, self.prior = cfg.wm_chunk, cfg.palimpsa_prior if cfg.palimpsa_param == "paper" else 1.0
+        self.in_proj = nn.Linear(d, 4 * d)                   # q, k, v and the output gate g
+        self.conv = nn.Parameter(torch.zeros(3 * d, 4))      # short causal convolution of q, k, v
+        self.gate_proj = nn.Linear(d, 2 * H)                 # code: dt, bs; paper: gamma, (unused)
+        self.b_down = nn.Linear(d, max(1, d // 16))          # b (code) or beta (paper): low rank
+        self.b_up = nn.Linear(max(1, d // 16), d)
+        self.A_log = nn.Parameter(torch.log(torch.linspace(1.0, 16.0, H)))  # code: decay rates
+        self.b_scale = nn.Parameter(torch.zeros(H))          # code: softplus(b_scale) scales b
+        self.N_raw = nn.Parameter(torch.linspace(0.0, 4.0, H))  # paper: window N = 1 + exp(N_raw)
+        self.out_proj = nn.Linear(d, d)
+        with torch.no_grad():
+            self.conv[:, -1] = 1.0                           # starts as the identity on the current token
+
+    def gates(self, x, dtau):
+        """-> log_a (B, T, H), the value scale (B, T, H, 1 or D) and b (B, T, H, D)."""
+        B, T, _ = x.shape
+        g1, g2 = self.gate_proj(x).float().view(B, T, 2, self.H).unbind(2)
+        low = torch.sigmoid(self.b_up(F.gelu(self.b_down(x))).float()).view(B, T, self.H, self.D)
+        if self.param == "code":
+            dt = F.softplus(g1 - 4.0)                        # bias -4: dt ~ 0.02 at init, a slow start
+            log_a = -dt * self.A_log.exp() * dtau[..., None]
+            bs = torch.sigmoid(g2)[..., None]                # (B, T, H, 1)
+            b = low * F.softplus(self.b_scale)[:, None] * bs
+            return log_a, bs, b if self.metaplastic else torch.zeros_like(b)
+        gamma = torch.sigmoid(g1)                            # (B, T, H)
+        N = 1 + self.N_raw.exp()
+        log_a = torch.log1p(-gamma / N) * dtau[..., None]
+        beta = gamma[..., None] * low                        # (B, T, H, D)
+        return log_a, beta, beta if self.metaplastic else torch.zeros_like(beta)
+
+    def forward(self, x, dtau, scan=None):
+        """x: (B, T, d), dtau: (B, T) time gaps -> (B, T, d). scan: palimpsa_scan_sequential to
+        use the twin (tests); default the chunked form."""
+        B, T, d = x.shape
+        qkv, g = self.in_proj(x).split([3 * d, d], -1)
+        q, k, v = F.silu(causal_conv(qkv, self.conv)).float().view(B, T, 3, self.H, self.D).unbind(2)
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        log_a, v_scale, b = self.gates(x, dtau)
+        scale = self.D ** -0.5 if self.param == "code" else 1.0
+        if scan is None:
+            y = palimpsa_scan_chunked(log_a, v * v_scale, k, b, q, self.prior, scale, self.chunk)
+        else:
+            y = scan(log_a, v * v_scale, k, b, q, self.prior, scale)
+        return self.out_proj((y.reshape(B, T, d) * F.silu(g.float())).to(x.dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,9 +509,12 @@ def route(logits, mode, tau, training, fixed_every):
     if mode.attention == "all":
         return F.one_hot(torch.full((B, T), E, device=logits.device), 3).to(logits.dtype)
     forced = torch.zeros(B, T, dtype=torch.bool, device=logits.device)
-    if mode.attention != "router":  # "none" and "every_k": E is not the router's to choose
+    if mode.attention != "router" or not mode.semantic:
         logits = logits.clone()
-        logits[..., E] = float("-inf")
+        if mode.attention != "router":  # "none" and "every_k": E is not the router's to choose
+            logits[..., E] = float("-inf")
+        if not mode.semantic:
+            logits[..., S] = float("-inf")
         if mode.attention == "every_k":
             forced[:, fixed_every - 1::fixed_every] = True
     if training:
@@ -429,7 +554,9 @@ class Block(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.ln1, self.ln2, self.ln3 = (nn.LayerNorm(cfg.n_embd) for _ in range(3))
-        self.wm = GatedCTMemory(cfg) if cfg.wm_kind == "gated" else CTRNNMemory(cfg)
+        self.wm = {"gated": lambda: GatedCTMemory(cfg), "ctrnn": lambda: CTRNNMemory(cfg),
+                   "palimpsa": lambda: PalimpsaMemory(cfg), "mamba2": lambda: PalimpsaMemory(cfg, metaplastic=False),
+                   "none": lambda: None}[cfg.wm_kind]()
         self.episodic = EpisodicMemory(cfg)
         self.semantic = SemanticMemory(cfg)
         self.router = Router(cfg)
@@ -440,7 +567,7 @@ class Block(nn.Module):
         terms (0-dim tensors; none unless losses) and its routing: z (B, T, 3) and q_hat (B, T),
         detached."""
         cfg = self.cfg
-        h = x + self.wm(self.ln1(x), dtau)
+        h = x + self.wm(self.ln1(x), dtau) if self.wm is not None else x  # "none": a transformer block
         u = self.ln2(h)
         logits, q_logit = self.router(u, mode.reads_q)
         logits, q_hat = logits.float(), torch.sigmoid(q_logit.float())  # fp32 under autocast:
@@ -490,6 +617,7 @@ class CRAM(nn.Module):
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.cont_proj = nn.Linear(cfg.n_cont, cfg.n_embd) if cfg.n_cont else None
+        self.pos_emb = nn.Embedding(cfg.n_positions, cfg.n_embd) if cfg.n_positions else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
@@ -548,6 +676,8 @@ class CRAM(nn.Module):
         x = self.tok_emb(tokens).sum(2)                                          # (B, T, d)
         if self.cont_proj is not None:
             x = x + self.cont_proj(cont)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(T, device=tokens.device))
         x = self.drop(x)
         terms, routing = {}, []
         for block in self.blocks:
@@ -580,6 +710,8 @@ class CRAM(nn.Module):
         if tokens.dim() not in (2, 3) or tokens.is_floating_point():
             fail(f"tokens must be integer ids (B, T) or (B, T, S); got {tuple(tokens.shape)} {tokens.dtype}")
         B, T = tokens.shape[:2]
+        if cfg.n_positions and T > cfg.n_positions:
+            fail(f"{T} tokens, but position embeddings for n_positions={cfg.n_positions} only")
         if cfg.n_cont and cont is None:
             fail(f"this model reads n_cont={cfg.n_cont} continuous inputs per token: pass cont ({B}, {T}, {cfg.n_cont})")
         want = dict(dtau=(B, T), cont=(B, T, cfg.n_cont), targets=(B, T), pred_targets=(B, T, cfg.n_pred))

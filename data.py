@@ -9,6 +9,7 @@ The datasets train.py trains on, one class each, all with the same small interfa
     data.describe()                          # one line for the log
     data.line(m), data.summary(m)            # its part of a log line and of summary.json, from
                                              # the host copies m of the metrics
+    data.plot(rows, out, batch, path)        # a run's curves.png, from its metrics.jsonl rows
 
 train.py exposes each setting as --<prefix><field> (--srcd_len=2048), and a resumed run must keep
 all of them. DATASETS maps --dataset to the class.
@@ -149,11 +150,149 @@ class SRCD:
                 f"attn rec {100 * g('attn_recurring'):.1f}% nov {100 * g('attn_novel'):.1f}% "
                 f"other {100 * g('attn_other'):.2f}% | q rec {g('q_recurring'):.2f} nov {g('q_novel'):.2f}")
 
+    def plot(self, rows, out, batch, path):
+        """curves.png of a run: attention share per class with q_hat per class, and retrieval per
+        class, from metrics.jsonl's rows (lines: training batches at each log step; dots: the eval
+        set), and the router's decisions for one eval sequence per token and layer (out: the
+        model's output on batch), queries marked recurring or novel."""
+        from matplotlib.colors import ListedColormap
+        from matplotlib.figure import Figure  # no pyplot: nothing global, any backend
+        col = lambda kind, k: np.array([r.get(k, np.nan) for r in rows if r["kind"] == kind], float)
+        fig = Figure(figsize=(12, 7.5))
+        ax0, ax1 = fig.add_subplot(2, 2, 1), fig.add_subplot(2, 2, 2)
+        for name, color in (("recurring", "C0"), ("novel", "C3"), ("other", "C7")):
+            ax0.plot(col("train", "step"), col("train", f"attn_{name}"), "-", color=color, label=f"attention, {name}")
+            ax0.plot(col("eval", "step"), col("eval", f"attn_{name}"), "o", color=color)
+            if name != "other":
+                ax0.plot(col("train", "step"), col("train", f"q_{name}"), "--", color=color,
+                         label=f"q_hat, {name} queries")
+                ax1.plot(col("train", "step"), col("train", f"acc_{name}"), "-", color=color, label=f"{name} queries")
+                ax1.plot(col("eval", "step"), col("eval", f"acc_{name}"), "o", color=color)
+        ax0.set(xlabel="step", ylabel="share of the class on attention / mean q_hat", ylim=(-0.03, 1.03),
+                title="routing per token class")
+        ax0.legend(fontsize=7)
+        ax1.set(xlabel="step", ylabel="retrieval accuracy", ylim=(-0.03, 1.03), title="retrieval per class")
+        ax1.legend(fontsize=8)
+        ax2 = fig.add_subplot(2, 1, 2)
+        z = out["routing"]["z"][:, 0].argmax(-1).cpu().numpy()                    # (L, T) tier per token
+        ax2.imshow(z, aspect="auto", interpolation="nearest", cmap=ListedColormap(["#dddddd", "C3", "C2"]),
+                   vmin=0, vmax=2)
+        classes = self.classes(batch["tokens"][:1])
+        for name, marker, color in (("recurring", "v", "C0"), ("novel", "v", "C3")):
+            t = np.flatnonzero(classes[name][0].cpu().numpy())
+            ax2.scatter(t, np.full(len(t), -0.7), marker=marker, color=color, s=18, label=f"{name} query",
+                        clip_on=False)
+        ax2.set(xlabel="token", ylabel="layer", yticks=range(len(z)), ylim=(len(z) - 0.5, -1.0),
+                title="router decisions on one eval sequence: grey W (working memory only), red E (attention), "
+                      "green S (semantic)")
+        ax2.legend(fontsize=7, loc="upper right", ncol=2)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+
     def summary(self, m):
         return dict(retrieval_acc=m.get("acc"), acc_recurring=m.get("acc_recurring"),
                     acc_novel=m.get("acc_novel"), attn_floor=self.floor,
                     attn_recurring=m.get("attn_recurring"), attn_novel=m.get("attn_novel"),
                     attn_other=m.get("attn_other"), dynamics_mse=m.get("mse"))
+
+
+@dataclass
+class MQAR:
+    """Multi-query associative recall, generated as Zoology's _mqar does (DESIGN.md sec. 9).
+
+    Keys come from 1 .. vocab/2-1 and values from vocab/2 .. vocab-1, each example drawing kv_pairs
+    distinct keys and distinct values paired one to one, laid out first as k1 v1 k2 v2 ... Each key
+    is then queried exactly once after that block, at an even offset 2g with g drawn without
+    replacement from p(g) ~ (g+1)^(a-1), so queries cluster soon after the block. Only query
+    positions carry a label (the key's value); the filler between queries is 0, replaced by random
+    tokens when random_filler (Zoology's default). No key recurs across examples, so every query
+    needs attention: the attention floor is the query rate kv_pairs / len.
+    Where this differs from Zoology's harness: every batch is freshly drawn (an unbounded training
+    set, not a fixed 100k iterated in order), and the eval set is train.py's fixed eval batches.
+    """
+    len: int = 64             # tokens per example (even)
+    kv_pairs: int = 4         # key-value pairs, each queried once
+    vocab: int = 8192         # token ids: 0 filler, keys below vocab/2, values from vocab/2
+    power_a: float = 0.01     # query offsets g drawn with p(g) ~ (g+1)^(a-1); 1 is uniform
+    random_filler: bool = True  # replace the filler 0s by random tokens, as Zoology does
+
+    prefix = "mqar_"
+    n_cont, n_pred = 0, 0
+
+    def __post_init__(self):
+        p = self.prefix
+        for ok, msg in [(self.len % 2 == 0 and self.len >= 4, f"{p}len={self.len}: expected an even int >= 4"),
+                        (self.kv_pairs >= 1 and 4 * self.kv_pairs <= self.len,
+                         f"{p}kv_pairs={self.kv_pairs}: expected 1 .. len/4 = {self.len // 4}"),
+                        (self.vocab > self.len and self.kv_pairs < self.vocab // 2,
+                         f"{p}vocab={self.vocab}: expected more than len={self.len} and 2 * kv_pairs ids"),
+                        (self.power_a > 0, f"{p}power_a={self.power_a}: expected > 0")]:
+            if not ok:
+                raise ConfigError(msg)
+        self.vocab_size = self.vocab
+        self.space = (self.len - 2 * self.kv_pairs) // 2          # query slots after the block
+        g = np.arange(1, self.space + 1, dtype=float) ** (self.power_a - 1)
+        self.gap_p = g / g.sum()
+
+    @property
+    def floor(self):
+        return self.kv_pairs / self.len
+
+    def example(self, rng):
+        """One example: tokens (len,) and targets (len,), -1 where there is no label."""
+        half, kv = self.vocab // 2, self.kv_pairs
+        keys = rng.choice(np.arange(1, half), kv, replace=False)
+        values = rng.choice(np.arange(half, self.vocab), kv, replace=False)
+        tokens = np.zeros(self.len, np.int64)
+        targets = np.full(self.len, -1, np.int64)
+        tokens[0:2 * kv:2], tokens[1:2 * kv:2] = keys, values
+        pos = 2 * kv + 2 * rng.choice(self.space, kv, replace=False, p=self.gap_p)  # query positions
+        tokens[pos], targets[pos] = keys, values
+        if self.random_filler:
+            filler = tokens == 0
+            tokens[filler] = rng.integers(self.vocab, size=filler.sum())
+        return tokens, targets
+
+    def batch(self, b, rng, device="cpu"):
+        """b examples -> CRAM.forward's keyword arguments: tokens (b, len), targets (b, len)."""
+        tokens, targets = (np.stack(c) for c in zip(*(self.example(rng) for _ in range(b))))
+        return {k: to_device(torch.from_numpy(v), device) for k, v in dict(tokens=tokens, targets=targets).items()}
+
+    def metrics(self, out, batch):
+        """Accuracy over the query positions (Zoology's), and routing for queries and other tokens."""
+        query = batch["targets"] >= 0
+        hit = (out["logits"].argmax(-1) == batch["targets"]) & query
+        return {"acc": hit.sum() / query.sum(), **class_stats(out["routing"], dict(query=query, other=~query))}
+
+    def describe(self):
+        return (f"mqar: {self.len} tokens, {self.kv_pairs} key-value pairs, vocab {self.vocab} | every query "
+                f"needs attention: floor {100 * self.floor:.2f}%")
+
+    def line(self, m):
+        g = lambda k: m.get(k, float("nan"))
+        return f"acc {g('acc'):.4f} | attn query {100 * g('attn_query'):.1f}% other {100 * g('attn_other'):.2f}%"
+
+    def plot(self, rows, out, batch, path):
+        """curves.png: accuracy and the attention share of queries and other tokens against step."""
+        from matplotlib.figure import Figure
+        col = lambda kind, k: np.array([r.get(k, np.nan) for r in rows if r["kind"] == kind], float)
+        fig = Figure(figsize=(11, 4))
+        ax0, ax1 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+        for name, color in (("query", "C3"), ("other", "C7")):
+            ax0.plot(col("train", "step"), col("train", f"attn_{name}"), "-", color=color, label=f"attention, {name}")
+            ax0.plot(col("eval", "step"), col("eval", f"attn_{name}"), "o", color=color)
+        ax1.plot(col("train", "step"), col("train", "acc"), "-", label="training batches")
+        ax1.plot(col("eval", "step"), col("eval", "acc"), "o", label="eval set")
+        ax0.set(xlabel="step", ylabel="share on attention", ylim=(-0.03, 1.03), title="routing")
+        ax1.set(xlabel="step", ylabel="accuracy at query positions", ylim=(-0.03, 1.03), title="MQAR accuracy")
+        ax0.legend(fontsize=8)
+        ax1.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+
+    def summary(self, m):
+        return dict(accuracy=m.get("acc"), attn_floor=self.floor, attn_query=m.get("attn_query"),
+                    attn_other=m.get("attn_other"))
 
 
 def to_device(x, device):
@@ -163,7 +302,7 @@ def to_device(x, device):
     return x.to(device)
 
 
-DATASETS = {"srcd": SRCD}
+DATASETS = {"srcd": SRCD, "mqar": MQAR}
 
 
 def settings():

@@ -125,6 +125,82 @@ def test_gated_memory_is_its_docstring_equation():
     rel_rms(wm(x, dtau), wm.out_proj(torch.stack(hs, 1) * F.silu(g)), "working memory")
 
 
+def palimpsa_inputs(B, T, H, D, seed, b_scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    log_a = -torch.rand(B, T, H, generator=g) * 2
+    v = torch.randn(B, T, H, D, generator=g)
+    k, q = (F.normalize(torch.randn(B, T, H, D, generator=g), dim=-1) for _ in range(2))
+    b = torch.rand(B, T, H, D, generator=g) * b_scale
+    return [x.requires_grad_() for x in (log_a, v, k, b, q)]
+
+
+@given(B=st.integers(1, 2), T=st.integers(1, 37), H=st.integers(1, 3), D=st.sampled_from([1, 3, 4]),
+       chunk=st.integers(1, 16), prior=st.sampled_from([0.5, 1.0, 10.0]), seed=st.integers(0, 2**16))
+@settings(max_examples=20)
+def test_palimpsa_chunked_equals_sequential(B, T, H, D, chunk, prior, seed):
+    """Palimpsa's chunked form (the state scanned in chunks, carried across them) against the
+    token loop: outputs and the gradients of every input, chunk lengths that do and do not divide T."""
+    x = palimpsa_inputs(B, T, H, D, seed)
+    w = torch.randn(B, T, H, D)
+    ref = cram.palimpsa_scan_sequential(*x, prior, 0.5)
+    out = cram.palimpsa_scan_chunked(*x, prior, 0.5, chunk)
+    rel_rms(out, ref, "y")
+    for name, a, r in zip(("log_a", "v", "k", "b", "q"), torch.autograd.grad((out * w).sum(), x),
+                          torch.autograd.grad((ref * w).sum(), x)):
+        rel_rms(a, r, f"d{name}")
+
+
+def gated_linear_attention(log_a, v, k, q, scale):
+    """The plain gated linear recurrence written as masked attention: y_t = scale sum_{s<=t}
+    exp(sum_{s<u<=t} log_a_u) (q_t . k_s) v_s, per head. (B, T, H, D) -> (B, T, H, D)."""
+    L = log_a.cumsum(1).transpose(1, 2)                                      # (B, H, T)
+    decay = (L[..., :, None] - L[..., None, :]).masked_fill(~torch.ones(L.shape[-1], L.shape[-1], dtype=torch.bool).tril(), -math.inf).exp()
+    scores = torch.einsum("bthd,bshd->bhts", q, k) * decay
+    return scale * torch.einsum("bhts,bshd->bthd", scores, v)
+
+
+def test_palimpsa_without_importance_is_gated_linear_attention():
+    """b = 0 (wm_kind="mamba2"): Ibar stays 0, mu = M / 1, and the layer is the plain gated linear
+    recurrence, here written as masked attention, to fp32 rounding."""
+    log_a, v, k, b, q = palimpsa_inputs(2, 23, 2, 4, 0)
+    out = cram.palimpsa_scan_chunked(log_a, v, k, torch.zeros_like(b), q, 1.0, 0.5, 5)
+    rel_rms(out, gated_linear_attention(log_a, v, k, q, 0.5), "y")
+
+
+def test_palimpsa_tends_to_gated_linear_attention_as_the_prior_grows():
+    """The paper's Mamba2 limit: with importance b > 0, I_prior * y approaches the plain recurrence
+    as I_prior grows, the gap falling as 1 / I_prior (mu = M / (Ibar + I_prior), Ibar fixed)."""
+    log_a, v, k, b, q = palimpsa_inputs(2, 23, 2, 4, 1)
+    gla = gated_linear_attention(log_a, v, k, q, 1.0)
+    gap = {}
+    with torch.no_grad():
+        for prior in (10.0, 100.0, 1000.0):
+            y = cram.palimpsa_scan_chunked(log_a, v, k, b, q, prior, 1.0, 5)
+            gap[prior] = float((prior * y - gla).norm() / gla.norm())
+    assert gap[10.0] > 0.01  # the importance does matter at a small prior
+    for p in (10.0, 100.0):  # tenfold prior, tenfold smaller gap (1/I_prior, up to O(1/I_prior^2))
+        assert 0.08 < gap[10 * p] / gap[p] < 0.12, gap
+
+
+@pytest.mark.parametrize("param", ["code", "paper"])
+@given(scale=st.sampled_from([1.0, 1e2, 1e4]), seed=st.integers(0, 2**16))
+@settings(max_examples=6)
+def test_palimpsa_importance_never_below_the_prior(param, scale, seed):
+    """For any input, however large, the gates give decays in (0, 1] and b >= 0, so Ibar >= 0 and
+    I = Ibar + I_prior >= I_prior: the division mu = M / I is safe and the output finite."""
+    cfg = tiny_config(wm_kind="palimpsa", palimpsa_param=param, palimpsa_prior=0.5)
+    mem = cram.PalimpsaMemory(cfg)
+    g = torch.Generator().manual_seed(seed)
+    x, dtau = torch.randn(2, 19, cfg.n_embd, generator=g) * scale, torch.rand(2, 19, generator=g) * scale
+    log_a, _, b = mem.gates(x, dtau)
+    assert torch.isfinite(log_a).all() and (log_a <= 0).all() and (b >= 0).all()
+    k2 = torch.rand(2, 19, cfg.n_head, mem.D, generator=g)
+    la = log_a[..., None, None].expand(-1, -1, -1, mem.D, mem.D).reshape(2, 19, -1)
+    Ibar = cram.gated_scan_chunked(la, (b[..., :, None] * k2[..., None, :]).reshape(2, 19, -1), 4)
+    assert (Ibar >= 0).all()
+    assert torch.isfinite(mem(x, dtau)).all()
+
+
 def test_consolidation_and_q_head_train_only_their_own_weights():
     """The consolidation loss moves only semantic memory, the q-head loss only the q-head: neither
     may reshape attention or the residual stream (the Router docstring's promise)."""
@@ -184,11 +260,12 @@ def test_attention_work_is_proportional_to_routed_queries():
 
 # ---- model properties ----------------------------------------------------------------------
 
-MODES = ["learned", "always", "static", "fixed", "never"]
+MODES = list(ROUTER_MODES)
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("wm_kind", ["gated", "ctrnn"])
+@pytest.mark.parametrize("mode,wm_kind", [(m, "gated") for m in MODES] + [("learned", "ctrnn"), ("fixed", "ctrnn"),
+                                          ("always", "none"), ("learned", "none"), ("learned", "palimpsa"),
+                                          ("fixed", "mamba2")])
 @given(seed=st.integers(0, 2**16), draws=st.data())
 @settings(max_examples=5)
 def test_causality(mode, wm_kind, seed, draws):
@@ -197,7 +274,7 @@ def test_causality(mode, wm_kind, seed, draws):
     T = draws.draw(st.integers(3 if mode == "fixed" else 2, 40), label="T")
     last_routed = (T - 3) // 3 * 3 + 2
     t = draws.draw(st.integers(0, (last_routed if mode == "fixed" else T - 1) - 1), label="t")
-    cfg = tiny_config(router_mode=mode, wm_kind=wm_kind, fixed_every=3)
+    cfg = tiny_config(router_mode=mode, wm_kind=wm_kind, fixed_every=3, n_positions=40 if wm_kind == "none" else 0)
     model = eval_model(cfg, seed)
     x = random_inputs(cfg, 2, T, seed)
     y = {k: v.clone() for k, v in x.items()}
@@ -212,10 +289,11 @@ def test_causality(mode, wm_kind, seed, draws):
     assert not torch.allclose(b["logits"][:, t + 1:], a["logits"][:, t + 1:])  # the change did reach
 
 
-@given(B=st.integers(2, 4), T=st.integers(1, 30), seed=st.integers(0, 2**16))
-def test_batch_independence(B, T, seed):
+@given(B=st.integers(2, 4), T=st.integers(1, 30), seed=st.integers(0, 2**16),
+       wm_kind=st.sampled_from(["gated", "palimpsa"]))
+def test_batch_independence(B, T, seed, wm_kind):
     """Each row's outputs are those it gets alone: no leak across the batch (routing included)."""
-    cfg = tiny_config()
+    cfg = tiny_config(wm_kind=wm_kind)
     model = eval_model(cfg, seed)
     x = random_inputs(cfg, B, T, seed)
     full = model(**x)
@@ -253,6 +331,34 @@ def test_never_routing_does_no_attention_work():
             for p in b.episodic.parameters():
                 p.add_(torch.randn_like(p))
     assert torch.equal(a, model(**x)["logits"])
+
+
+def test_no_semantic_mode_never_routes_to_semantic_memory():
+    """router_mode="no_semantic" (an ablation row): the router chooses between W and E only, in
+    training and in evaluation, while the same weights under "learned" do use S."""
+    model = eval_model(tiny_config())
+    x = random_inputs(model.cfg, 2, 40)
+    assert model(**x)["routing"]["z"][..., cram.S].sum() > 0
+    for train_mode in (False, True):
+        model.train(train_mode)
+        z = model(**x, router_mode="no_semantic")["routing"]["z"]
+        assert z[..., cram.S].sum() == 0 and z[..., cram.E].sum() > 0
+
+
+def test_transformer_baseline_is_position_aware():
+    """wm_kind="none" with n_positions is the pre-LN causal transformer baseline: in one layer,
+    swapping two earlier tokens changes what the last token sees only through the position
+    embeddings (attention alone is a sum over its keys; deeper layers see order through the mask)."""
+    base = dict(router_mode="always", wm_kind="none", n_layer=1)
+    x = random_inputs(tiny_config(), 1, 12)
+    y = {k: v.clone() for k, v in x.items()}
+    y["tokens"][:, [2, 5]], y["cont"][:, [2, 5]] = x["tokens"][:, [5, 2]], x["cont"][:, [5, 2]]
+    for n_positions, moves in ((0, False), (12, True)):
+        model = eval_model(tiny_config(**base, n_positions=n_positions))
+        changed = not torch.allclose(model(**x)["logits"][:, -1], model(**y)["logits"][:, -1], atol=1e-6)
+        assert changed == moves, n_positions
+    with pytest.raises(ValueError, match="n_positions=12"):
+        model(**random_inputs(model.cfg, 1, 13))
 
 
 def test_learned_routing_runs_attention_only_for_routed_tokens_at_inference():
@@ -510,6 +616,46 @@ def test_srcd_recurring_keys_keep_their_value_and_novel_ones_do_not():
 
 
 
+@given(kv=st.integers(1, 16), extra=st.integers(0, 40), vocab=st.sampled_from([200, 1000, 8192]),
+       filler=st.booleans(), seed=st.integers(0, 2**16))
+@settings(max_examples=25)
+def test_mqar_follows_zoology(kv, extra, vocab, filler, seed):
+    """Zoology's MQAR layout: k1 v1 .. kn vn first (distinct keys below vocab/2, distinct values from
+    vocab/2), then every key queried exactly once at an even offset after the block, labelled with
+    its own value; no other position labelled; the filler 0 unless random_filler."""
+    n = 4 * kv + 2 * extra
+    task = data.make(dict(train.DEFAULTS, dataset="mqar", mqar_len=n, mqar_kv_pairs=kv, mqar_vocab=max(vocab, n + 1),
+                          mqar_random_filler=filler))
+    batch = task.batch(3, np.random.default_rng(seed))
+    tok, tgt = batch["tokens"].numpy(), batch["targets"].numpy()
+    assert tok.shape == tgt.shape == (3, n)
+    half = task.vocab // 2
+    for row, labels in zip(tok, tgt):
+        keys, values = row[0:2 * kv:2], row[1:2 * kv:2]
+        assert len(set(keys)) == kv and len(set(values)) == kv
+        assert (keys >= 1).all() and (keys < half).all() and (values >= half).all() and (values < task.vocab).all()
+        assert (labels[:2 * kv] == -1).all() and (labels >= 0).sum() == kv
+        pos = np.flatnonzero(labels >= 0)
+        assert ((pos - 2 * kv) % 2 == 0).all()
+        for p in pos:  # the query shows its key; the label is that key's value
+            assert labels[p] == values[list(keys).index(row[p])]
+        if not filler:
+            rest = np.ones(n, bool)
+            rest[:2 * kv], rest[pos] = False, False
+            assert (row[rest] == 0).all()
+
+
+def test_mqar_queries_cluster_after_the_block():
+    """p(g) ~ (g+1)^(a-1) with a = 0.01: most queries come early; a = 1 spreads them uniformly."""
+    early = {}
+    for a in (0.01, 1.0):
+        task = data.make(dict(train.DEFAULTS, dataset="mqar", mqar_len=256, mqar_kv_pairs=4, mqar_power_a=a))
+        tgt = task.batch(300, np.random.default_rng(0))["targets"].numpy()
+        g = (np.nonzero(tgt >= 0)[1] - 8) // 2
+        early[a] = (g < task.space // 8).mean()
+    assert early[0.01] > 0.5 and abs(early[1.0] - 1 / 8) < 0.05, early
+
+
 def test_srcd_shared_keys_draws_the_pool_from_one_key_space():
     """By default the pool is the first block of key ids (so earlier runs repeat); with
     srcd_shared_keys it is a random subset of the same key space and the novel keys are the rest,
@@ -566,6 +712,7 @@ def test_short_training_lowers_the_loss(tmp_path):
     for key in ("retrieval_acc", "attn_frac", "attn_frac_peak", "attn_floor", "dynamics_mse",
                 "steps", "wall_seconds", "config"):
         assert key in json.load(open(tmp_path / "summary.json"))
+    assert (tmp_path / "curves.png").stat().st_size > 20_000  # the run's plot (data.SRCD.plot)
 
 
 def test_resume_equals_uninterrupted_run_bit_for_bit(tmp_path):
@@ -607,6 +754,8 @@ def test_resume_equals_uninterrupted_run_bit_for_bit(tmp_path):
     (["--router_mode=sometimes"], "router_mode='sometimes': expected one of"),
     (["--spot_check=2.0"], "spot_check=2.0: expected in [0, 1]"),
     (["--srcd_query=0.9"], "srcd_query=0.9"),
+    (["--dataset=mqar", "--mqar_len=63"], "mqar_len=63: expected an even int"),
+    (["--dataset=mqar", "--mqar_kv_pairs=20"], "mqar_kv_pairs=20: expected 1 .. len/4 = 16"),
     (["--device=tpu"], "--device=tpu"),
     (["--log_interval=0"], "--log_interval=0: expected a positive int"),
     (["--stop_iter=0"], "--stop_iter=0"),
@@ -1169,7 +1318,8 @@ def test_theory_zipf_fitted_gamma(s, k, seed):
     assert abs(fitted - theory.gamma_of_s(s)) < 0.03, (fitted, theory.gamma_of_s(s))
 
 
-@pytest.mark.parametrize("notebook", ["01_lower_bound.py", "02_consolidation.py", "03_srcd_curves.py"])
+@pytest.mark.parametrize("notebook", ["01_lower_bound.py", "02_consolidation.py", "03_srcd_curves.py",
+                                      "04_srcd_ablations.py"])
 def test_theory_notebook_runs(notebook):
     env = dict(os.environ, CRAM_NB_SMALL="1", MPLBACKEND="Agg")
     path = os.path.join(ROOT, "notebooks", notebook)

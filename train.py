@@ -10,8 +10,8 @@ every dataset setting can be overridden on the command line:
 Model settings are CramConfig's fields (cram.py), given the same way (--w_compute=0.2); a dataset's
 settings carry its prefix (--srcd_len=2048). Each run writes into out_dir: log.txt (the printed
 lines), metrics.jsonl (one JSON object per log or eval line), ckpt.pt (atomic; everything needed to
-resume exactly) and, at the end, summary.json. main() knows no dataset by name: data.make builds
-the one --dataset names, and the dataset batches, scores and describes itself.
+resume exactly) and, at the end, summary.json and curves.png. main() knows no dataset by name:
+data.make builds the one --dataset names, and the dataset batches, scores, describes and plots itself.
 """
 import ast
 import contextlib
@@ -273,6 +273,23 @@ def load_checkpoint(path):
     return ckpt
 
 
+def plot_run(out_dir):
+    """Write out_dir/curves.png from a run folder: its eval rows (metrics.jsonl) and, for the
+    router's decisions, its checkpoint's model on the first eval batch. Any finished or stopped run:
+    python -c "import train; train.plot_run('out/srcd')"."""
+    ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+    run = {**DEFAULTS, **ckpt["run"]}
+    task = data.make(run)
+    model = CRAM(CramConfig(**{**ckpt["model_args"], "attn_impl": "auto"})).eval()
+    model.load_state_dict(ckpt["model"])
+    batch = task.batch(run["batch_size"], np.random.default_rng([run["seed"], 1, 0]))  # eval batch 0
+    with torch.no_grad():
+        out = model(**batch)
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    task.plot(rows, out, batch, os.path.join(out_dir, "curves.png"))
+
+
 def main(argv):
     parsed = parse_args(argv)
     if parsed is None:
@@ -414,6 +431,7 @@ def main(argv):
                    config=dict(run={k: v for k, v in run.items() if k not in INVOCATION}, model=asdict(mcfg)))
     with open(os.path.join(c.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
+    plot_run(c.out_dir)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
     return summary
 

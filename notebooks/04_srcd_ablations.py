@@ -1,0 +1,190 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+# ---
+
+# %% [markdown]
+# # 04 What makes attention fall on SRCD? The ablation table
+#
+# Each row is CRAM with one part taken away, or a baseline, trained with the same CPU config
+# (N = 512, d = 64, 2 layers, batch 16) for STEPS steps and 3 seeds. The columns: retrieval
+# (recurring and novel queries), the share of tokens on attention in any layer, overall and per
+# class (recurring queries, novel queries, other tokens), the dynamics MSE, the consolidation step
+# (the first evaluation with retrieval >= 99.5% and attention <= 1.25x the floor), the seeds that
+# collapsed (retrieval < 90%) and the wall time. Mean over seeds, and the spread (min .. max).
+#
+#     python notebooks/04_srcd_ablations.py        # trains what out/ablations lacks, then the table
+#
+# Finished runs are reused: delete out/ablations/<row>/seed<s> to retrain one, or run one row by
+# hand with the flags printed in the table's "flags" column (a few minutes each). CRAM_JOBS sets
+# how many runs train side by side (default 2, each on one thread). `CRAM_NB_SMALL=1` (the tests)
+# trains every row for a few steps on a tiny config in-process: its numbers mean nothing.
+
+# %%
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(globals().get("__file__", os.path.join(os.getcwd(), "nb"))))
+ROOT = HERE if os.path.isdir(os.path.join(HERE, "theory")) else os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+import train  # noqa: E402
+from theory.figures import save_figure  # noqa: E402
+
+SMALL = os.environ.get("CRAM_NB_SMALL") == "1"
+JOBS = int(os.environ.get("CRAM_JOBS", "2"))
+SEEDS = [1337, 1] if SMALL else [1337, 1, 2]
+STEPS = 12 if SMALL else 750
+LEN = 48 if SMALL else 512
+CONFIG = [f"--max_iters={STEPS}", f"--eval_interval={4 if SMALL else 125}", f"--log_interval={4 if SMALL else 50}",
+          "--threads=1"]
+if SMALL:
+    CONFIG += [f"--srcd_len={LEN}", "--batch_size=4", "--n_embd=16", "--n_head=2", "--eval_batches=1",
+               "--srcd_pool=10", "--srcd_novel_keys=20", "--srcd_values=8"]
+OUT = os.path.join(ROOT, "out", "notebooks", "ablations_small" if SMALL else "ablations")
+ROWS = {  # row name: its flags on top of CONFIG
+    "CRAM (learned)": [],
+    "flat penalty": ["--penalty_q=False"],
+    "no consolidation loss": ["--w_consol=0.0"],
+    "no q input": ["--router_mode=no_q"],
+    "no semantic tier": ["--router_mode=no_semantic"],
+    "static (w/o consolidation)": ["--router_mode=static"],
+    "static, penalty 0.02": ["--router_mode=static", "--w_compute=0.02"],
+    "fixed sparse (every 16th)": ["--router_mode=fixed"],
+    "dense hybrid (always)": ["--router_mode=always"],
+    "no attention (never)": ["--router_mode=never"],
+    "transformer (same width)": ["--router_mode=always", "--wm_kind=none", f"--n_positions={LEN}"],
+}
+
+# %% [markdown]
+# ## Train what is missing
+# A run is reused when its summary.json holds the settings asked for; otherwise it is trained
+# (in a subprocess, CRAM_JOBS at a time; in-process in the small mode).
+
+# %%
+def run_dir(row, seed):
+    return os.path.join(OUT, row.split(" (")[0].replace(" ", "_").replace(",", ""), f"seed{seed}")
+
+
+def finished(path, argv):
+    """The run's summary, if it exists and was trained with these settings."""
+    try:
+        with open(os.path.join(path, "summary.json")) as fh:
+            summary = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    run, model = train.parse_args(argv)
+    done = summary["config"]
+    same = all(done["run"].get(k) == v for k, v in run.items() if k not in train.INVOCATION + ("threads",))
+    return summary if same and all(done["model"].get(k) == v for k, v in model.items()) else None
+
+
+def train_one(job):
+    row, seed = job
+    path = run_dir(row, seed)
+    argv = CONFIG + ROWS[row] + [f"--seed={seed}", f"--out_dir={path}", "--overwrite"]
+    if finished(path, argv):
+        return
+    if SMALL:
+        import contextlib
+        import io
+        with contextlib.redirect_stdout(io.StringIO()):
+            train.main(argv)
+        return
+    t0 = time.time()
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *argv], capture_output=True, text=True)
+    assert res.returncode == 0, f"{row} seed {seed}: {res.stderr[-500:]}"
+    print(f"trained {row}, seed {seed}: {time.time() - t0:.0f} s", flush=True)
+
+
+jobs = [(row, seed) for row in ROWS for seed in SEEDS]
+with ThreadPoolExecutor(1 if SMALL else JOBS) as pool:
+    list(pool.map(train_one, jobs))
+
+# %% [markdown]
+# ## The table
+# From each run's summary.json (the final evaluation on the fixed eval set, 64 sequences) and its
+# metrics.jsonl (the evaluations along the way, for the consolidation step).
+
+# %%
+def measure(row, seed):
+    path = run_dir(row, seed)
+    summary = finished(path, CONFIG + ROWS[row] + [f"--seed={seed}", f"--out_dir={path}"])
+    assert summary, f"{path}: no finished run"
+    with open(os.path.join(path, "metrics.jsonl")) as fh:
+        evals = [r for r in map(json.loads, fh) if r["kind"] == "eval"]
+    floor = summary["attn_floor"]
+    hit = [r["step"] for r in evals if r["acc"] >= 0.995 and r["attn_frac"] <= 1.25 * floor]
+    return dict(retrieval=summary["retrieval_acc"], recurring=summary["acc_recurring"], novel=summary["acc_novel"],
+                attn=summary["attn_frac"], attn_recurring=summary["attn_recurring"],
+                attn_novel=summary["attn_novel"], attn_other=summary["attn_other"],
+                dynamics_mse=summary["dynamics_mse"], consolidation_step=hit[0] if hit else None,
+                collapsed=summary["retrieval_acc"] < 0.9, wall_seconds=summary["wall_seconds"], floor=floor)
+
+
+runs = {row: [measure(row, seed) for seed in SEEDS] for row in ROWS}
+for row, ms in runs.items():
+    for m in ms:
+        assert 0 <= m["retrieval"] <= 1 and 0 <= m["attn"] <= 1 and np.isfinite(m["dynamics_mse"]), (row, m)
+floor = runs["CRAM (learned)"][0]["floor"]
+
+
+def cell(values, pct=False, digits=3):
+    v = np.array([np.nan if x is None else x for x in values], float)
+    scale, unit = (100, "%") if pct else (1, "")
+    if np.isnan(v).all():
+        return "-"
+    mean, lo, hi = scale * np.nanmean(v), scale * np.nanmin(v), scale * np.nanmax(v)
+    fmt = f"{{:.{digits}f}}"
+    return fmt.format(mean) + unit + (f" ({fmt.format(lo)}-{fmt.format(hi)})" if hi > lo else "")
+
+
+columns = [("retrieval", True, 1), ("recurring", True, 1), ("novel", True, 1), ("attn", True, 2),
+           ("attn_recurring", True, 1), ("attn_novel", True, 1), ("attn_other", True, 2), ("dynamics_mse", False, 4)]
+print(f"{STEPS} steps, seeds {SEEDS}, attention floor {100 * floor:.2f}%; mean (min-max) over seeds\n")
+print("| row | " + " | ".join(c for c, _, _ in columns) + " | consolidation step | collapsed | wall s | flags |")
+print("|---|" + "---:|" * (len(columns) + 3) + "---|")
+table = []
+for row, ms in runs.items():
+    steps = [m["consolidation_step"] for m in ms]
+    reached = [s for s in steps if s is not None]
+    step_cell = (f"{int(np.mean(reached))}" + (f" ({min(reached)}-{max(reached)})" if len(set(reached)) > 1 else "")
+                 + ("" if len(reached) == len(ms) else f", {len(ms) - len(reached)} of {len(ms)} never")) if reached else "never"
+    cells = [cell([m[c] for m in ms], pct, d) for c, pct, d in columns]
+    collapsed = sum(m["collapsed"] for m in ms)
+    wall = cell([m["wall_seconds"] for m in ms], digits=0)
+    print(f"| {row} | " + " | ".join(cells) + f" | {step_cell} | {collapsed} of {len(ms)} | {wall} | `{' '.join(ROWS[row]) or '(default)'}` |")
+    table.append(dict(row=row, flags=ROWS[row], seeds=SEEDS, steps=STEPS, runs=ms))
+os.makedirs(OUT, exist_ok=True)
+with open(os.path.join(OUT, "table.json"), "w") as fh:
+    json.dump(table, fh, indent=1)
+print(f"\nrows as JSON: {os.path.relpath(os.path.join(OUT, 'table.json'), ROOT)}")
+
+# %% [markdown]
+# ## Retrieval against attention, every run
+# Each point is one seed's final evaluation. The floor (novel queries only) and the query rate
+# ("route every query") are the lines; CRAM's claim is the top left corner, at the floor.
+
+# %%
+fig, ax = plt.subplots(figsize=(8, 5))
+markers = "os^vD<>pPX*h"
+for (row, ms), marker in zip(runs.items(), markers):
+    ax.scatter([max(m["attn"], 1e-4) for m in ms], [m["retrieval"] for m in ms], marker=marker, s=45, label=row, alpha=0.8)
+ax.axvline(floor, color="k", ls=":", label="floor (novel queries)")
+ax.axvline(floor / 0.3, color="gray", ls="--", label="every query")
+ax.set(xscale="log", xlabel="share of tokens on attention (any layer), final eval", ylabel="retrieval accuracy",
+       title=f"SRCD ablations: {STEPS} steps, {len(SEEDS)} seeds per row")
+ax.legend(fontsize=7, loc="lower right")
+fig.tight_layout()
+save_figure(fig, "04_srcd_ablations")
