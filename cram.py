@@ -333,7 +333,7 @@ def palimpsa_scan_sequential(log_a, v, k, b, q, prior, scale):
         mu_t = M_t / (Ibar_t + I_prior),   y_t = scale * mu_t q_t
     with M = I * mu and Ibar = I - I_prior carried instead of mu and I. log_a: (B, T, H); v, b:
     (B, T, H, Dv); k, q: (B, T, H, Dk) -> y (B, T, H, Dv). b = 0 keeps Ibar = 0: gated linear
-    attention with the decay a_t (Mamba2's, in the authors' parametrisation)."""
+    attention with the decay a_t (Mamba2's, in the authors' parametrisation); b = None skips it."""
     B, T, H, Dv = v.shape
     M = v.new_zeros(B, H, Dv, k.shape[-1])
     Ibar = torch.zeros_like(M)
@@ -341,7 +341,8 @@ def palimpsa_scan_sequential(log_a, v, k, b, q, prior, scale):
     for t in range(T):
         a = log_a[:, t].exp()[..., None, None]                                # (B, H, 1, 1)
         M = a * M + v[:, t, :, :, None] * k[:, t, :, None, :]
-        Ibar = a * Ibar + b[:, t, :, :, None] * k[:, t, :, None, :] ** 2
+        if b is not None:
+            Ibar = a * Ibar + b[:, t, :, :, None] * k[:, t, :, None, :] ** 2
         out.append(scale * ((M / (Ibar + prior)) @ q[:, t, :, :, None])[..., 0])
     return torch.stack(out, 1)
 
@@ -355,8 +356,11 @@ def palimpsa_scan_chunked(log_a, v, k, b, q, prior, scale, chunk):
     Dk = k.shape[-1]
     la = log_a[..., None, None].expand(B, T, H, Dv, Dk).reshape(B, T, -1)
     M = gated_scan_chunked(la, (v[..., :, None] * k[..., None, :]).reshape(B, T, -1), chunk)
-    Ibar = gated_scan_chunked(la, (b[..., :, None] * k[..., None, :] ** 2).reshape(B, T, -1), chunk)
-    mu = (M / (Ibar + prior)).view(B, T, H, Dv, Dk)
+    if b is not None:  # None: no importance, Ibar = 0
+        M = M / (gated_scan_chunked(la, (b[..., :, None] * k[..., None, :] ** 2).reshape(B, T, -1), chunk) + prior)
+    else:
+        M = M / prior
+    mu = M.view(B, T, H, Dv, Dk)
     return scale * torch.einsum("bthvk,bthk->bthv", mu, q)
 
 
@@ -370,10 +374,12 @@ class PalimpsaMemory(nn.Module):
       "code" (default, the authors' public code): a_t = exp(-dt_t A) per head, dt_t =
         softplus(W_dt x + b_dt), A = exp(A_log); v = bs * v', bs = sigmoid(W_bs x) per head;
         b = sigmoid(low-rank(x)) * softplus(b_scale) * bs; I_prior = 1; y = mu q / sqrt(Dk).
-        The default because it is what the paper's experiments ran, and at b = 0 it is exactly the
-        Mamba2-style layer we compare against.
+        The default because it is what the paper's experiments ran. At b = 0 it is gated linear
+        attention with Mamba2's decay: Mamba2-style (Mamba2 itself also scales the input by dt,
+        has no q/k normalisation and adds a skip term).
       "paper" (its appendix derivation): gamma = sigmoid(W_g x) per head, beta = gamma *
-        sigmoid(W_b x) per value channel, a_t = 1 - gamma / N (N > 1 a learned window per head),
+        sigmoid(W_b x) per value channel (W_b low rank here, d/16, as the code's b), a_t = 1 -
+        gamma / N (N > 1 a learned window per head),
         v = beta * v', b = beta, I_prior = cfg.palimpsa_prior; y = mu q. As I_prior grows, Ibar
         matters less and I_prior * y tends to the plain gated linear recurrence.
     Both take the time gap: a_t is raised to the power dtau_t (log a_t * dtau_t), as the gated memory
@@ -384,35 +390,44 @@ class PalimpsaMemory(nn.Module):
         super().__init__()
         d, H = cfg.n_embd, cfg.n_head
         self.H, self.D, self.param, self.metaplastic = H, d // H, cfg.palimpsa_param, metaplastic
-        self.chunk, self.prior = cfg.wm_chunk, cfg.palimpsa_prior if cfg.palimpsa_param == "paper" else 1.0
+        code = cfg.palimpsa_param == "code"
+        self.chunk, self.prior = cfg.wm_chunk, 1.0 if code else cfg.palimpsa_prior
         self.in_proj = nn.Linear(d, 4 * d)                   # q, k, v and the output gate g
         self.conv = nn.Parameter(torch.zeros(3 * d, 4))      # short causal convolution of q, k, v
-        self.gate_proj = nn.Linear(d, 2 * H)                 # code: dt, bs; paper: gamma, (unused)
-        self.b_down = nn.Linear(d, max(1, d // 16))          # b (code) or beta (paper): low rank
-        self.b_up = nn.Linear(max(1, d // 16), d)
-        self.A_log = nn.Parameter(torch.log(torch.linspace(1.0, 16.0, H)))  # code: decay rates
-        self.b_scale = nn.Parameter(torch.zeros(H))          # code: softplus(b_scale) scales b
-        self.N_raw = nn.Parameter(torch.linspace(0.0, 4.0, H))  # paper: window N = 1 + exp(N_raw)
+        self.gate_proj = nn.Linear(d, (2 if code else 1) * H)  # code: dt and bs; paper: gamma
+        if metaplastic or not code:                          # b (code) or beta (paper), low rank
+            self.b_down = nn.Linear(d, max(1, d // 16))
+            self.b_up = nn.Linear(max(1, d // 16), d)
+        if code:
+            self.A_log = nn.Parameter(torch.log(torch.linspace(1.0, 16.0, H)))  # decay rates A
+            self.b_scale = nn.Parameter(torch.zeros(H)) if metaplastic else None  # b's scale
+        else:
+            self.N_raw = nn.Parameter(torch.linspace(0.0, 4.0, H))  # window N = 1 + exp(N_raw)
         self.out_proj = nn.Linear(d, d)
         with torch.no_grad():
             self.conv[:, -1] = 1.0                           # starts as the identity on the current token
 
-    def gates(self, x, dtau):
-        """-> log_a (B, T, H), the value scale (B, T, H, 1 or D) and b (B, T, H, D)."""
+    def low_rank_gate(self, x):
+        """sigmoid(W_up gelu(W_down x)) per head and value channel: (B, T, H, D)."""
         B, T, _ = x.shape
-        g1, g2 = self.gate_proj(x).float().view(B, T, 2, self.H).unbind(2)
-        low = torch.sigmoid(self.b_up(F.gelu(self.b_down(x))).float()).view(B, T, self.H, self.D)
+        return torch.sigmoid(self.b_up(F.gelu(self.b_down(x))).float()).view(B, T, self.H, self.D)
+
+    def gates(self, x, dtau):
+        """-> log_a (B, T, H), the value scale (B, T, H, 1 or D), and b (B, T, H, D) or None (no
+        importance: the Ibar scan is skipped)."""
+        B, T, _ = x.shape
         if self.param == "code":
-            dt = F.softplus(g1 - 4.0)                        # bias -4: dt ~ 0.02 at init, a slow start
+            g_dt, g_bs = self.gate_proj(x).float().view(B, T, 2, self.H).unbind(2)
+            dt = F.softplus(g_dt - 4.0)                      # bias -4: dt ~ 0.02 at init, a slow start
             log_a = -dt * self.A_log.exp() * dtau[..., None]
-            bs = torch.sigmoid(g2)[..., None]                # (B, T, H, 1)
-            b = low * F.softplus(self.b_scale)[:, None] * bs
-            return log_a, bs, b if self.metaplastic else torch.zeros_like(b)
-        gamma = torch.sigmoid(g1)                            # (B, T, H)
-        N = 1 + self.N_raw.exp()
-        log_a = torch.log1p(-gamma / N) * dtau[..., None]
-        beta = gamma[..., None] * low                        # (B, T, H, D)
-        return log_a, beta, beta if self.metaplastic else torch.zeros_like(beta)
+            bs = torch.sigmoid(g_bs)[..., None]              # (B, T, H, 1)
+            if not self.metaplastic:
+                return log_a, bs, None
+            return log_a, bs, self.low_rank_gate(x) * F.softplus(self.b_scale)[:, None] * bs
+        gamma = torch.sigmoid(self.gate_proj(x).float())     # (B, T, H)
+        log_a = torch.log1p(-gamma / (1 + self.N_raw.exp())) * dtau[..., None]
+        beta = gamma[..., None] * self.low_rank_gate(x)      # (B, T, H, D)
+        return log_a, beta, beta if self.metaplastic else None
 
     def forward(self, x, dtau, scan=None):
         """x: (B, T, d), dtau: (B, T) time gaps -> (B, T, d). scan: palimpsa_scan_sequential to

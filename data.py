@@ -79,6 +79,7 @@ class SRCD:
                             else np.arange(self.pool + self.novel_keys))
         self.pool_keys, self.novel_key_ids = keys[:self.pool], keys[self.pool:]  # (pool,), (novel_keys,)
         self.in_pool = np.isin(np.arange(self.vocab_size), self.pool_keys)     # (vocab,) bool
+        self.in_pool_t = torch.from_numpy(self.in_pool)
 
     @property
     def floor(self):
@@ -125,7 +126,9 @@ class SRCD:
     def classes(self, tokens):
         """The token classes of a batch, read off its tokens (b, n, 2): {name: (b, n) bool}."""
         query = tokens[..., 1] == self.QUERY
-        recurring = query & torch.as_tensor(self.in_pool, device=tokens.device)[tokens[..., 0]]
+        if self.in_pool_t.device != tokens.device:  # once per device, not a copy per call
+            self.in_pool_t = self.in_pool_t.to(tokens.device)
+        recurring = query & self.in_pool_t[tokens[..., 0]]
         return dict(recurring=recurring, novel=query & ~recurring, other=~query)
 
     def metrics(self, out, batch):
@@ -157,7 +160,7 @@ class SRCD:
         model's output on batch), queries marked recurring or novel."""
         from matplotlib.colors import ListedColormap
         from matplotlib.figure import Figure  # no pyplot: nothing global, any backend
-        col = lambda kind, k: np.array([r.get(k, np.nan) for r in rows if r["kind"] == kind], float)
+        col = lambda kind, k: column(rows, kind, k)
         fig = Figure(figsize=(12, 7.5))
         ax0, ax1 = fig.add_subplot(2, 2, 1), fig.add_subplot(2, 2, 2)
         for name, color in (("recurring", "C0"), ("novel", "C3"), ("other", "C7")):
@@ -205,8 +208,10 @@ class MQAR:
     is then queried exactly once after that block, at an even offset 2g with g drawn without
     replacement from p(g) ~ (g+1)^(a-1), so queries cluster soon after the block. Only query
     positions carry a label (the key's value); the filler between queries is 0, replaced by random
-    tokens when random_filler (Zoology's default). No key recurs across examples, so every query
-    needs attention: the attention floor is the query rate kv_pairs / len.
+    tokens when random_filler (Zoology's default). Keys and values are redrawn for every example,
+    so no binding can be consolidated: a query is answered from the context, by attention or by
+    working memory, and the attention floor of CRAM's router is the query rate kv_pairs / len.
+    Attention reaches back `window` tokens: keep window >= len.
     Where this differs from Zoology's harness: every batch is freshly drawn (an unbounded training
     set, not a fixed 100k iterated in order), and the eval set is train.py's fixed eval batches.
     """
@@ -224,8 +229,7 @@ class MQAR:
         for ok, msg in [(self.len % 2 == 0 and self.len >= 4, f"{p}len={self.len}: expected an even int >= 4"),
                         (self.kv_pairs >= 1 and 4 * self.kv_pairs <= self.len,
                          f"{p}kv_pairs={self.kv_pairs}: expected 1 .. len/4 = {self.len // 4}"),
-                        (self.vocab > self.len and self.kv_pairs < self.vocab // 2,
-                         f"{p}vocab={self.vocab}: expected more than len={self.len} and 2 * kv_pairs ids"),
+                        (self.vocab > self.len, f"{p}vocab={self.vocab}: expected more than len={self.len}"),
                         (self.power_a > 0, f"{p}power_a={self.power_a}: expected > 0")]:
             if not ok:
                 raise ConfigError(msg)
@@ -265,8 +269,8 @@ class MQAR:
         return {"acc": hit.sum() / query.sum(), **class_stats(out["routing"], dict(query=query, other=~query))}
 
     def describe(self):
-        return (f"mqar: {self.len} tokens, {self.kv_pairs} key-value pairs, vocab {self.vocab} | every query "
-                f"needs attention: floor {100 * self.floor:.2f}%")
+        return (f"mqar: {self.len} tokens, {self.kv_pairs} key-value pairs, vocab {self.vocab} | attention "
+                f"floor {100 * self.floor:.2f}% (every query)")
 
     def line(self, m):
         g = lambda k: m.get(k, float("nan"))
@@ -275,7 +279,7 @@ class MQAR:
     def plot(self, rows, out, batch, path):
         """curves.png: accuracy and the attention share of queries and other tokens against step."""
         from matplotlib.figure import Figure
-        col = lambda kind, k: np.array([r.get(k, np.nan) for r in rows if r["kind"] == kind], float)
+        col = lambda kind, k: column(rows, kind, k)
         fig = Figure(figsize=(11, 4))
         ax0, ax1 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
         for name, color in (("query", "C3"), ("other", "C7")):
@@ -293,6 +297,11 @@ class MQAR:
     def summary(self, m):
         return dict(accuracy=m.get("acc"), attn_floor=self.floor, attn_query=m.get("attn_query"),
                     attn_other=m.get("attn_other"))
+
+
+def column(rows, kind, key):
+    """One metric over a run's metrics.jsonl rows of one kind ("train" or "eval"), NaN where absent."""
+    return np.array([r.get(key, np.nan) for r in rows if r["kind"] == kind], float)
 
 
 def to_device(x, device):

@@ -141,13 +141,42 @@ def test_palimpsa_chunked_equals_sequential(B, T, H, D, chunk, prior, seed):
     """Palimpsa's chunked form (the state scanned in chunks, carried across them) against the
     token loop: outputs and the gradients of every input, chunk lengths that do and do not divide T."""
     x = palimpsa_inputs(B, T, H, D, seed)
-    w = torch.randn(B, T, H, D)
+    w = torch.randn(B, T, H, D, generator=torch.Generator().manual_seed(seed + 1))
     ref = cram.palimpsa_scan_sequential(*x, prior, 0.5)
     out = cram.palimpsa_scan_chunked(*x, prior, 0.5, chunk)
     rel_rms(out, ref, "y")
     for name, a, r in zip(("log_a", "v", "k", "b", "q"), torch.autograd.grad((out * w).sum(), x),
                           torch.autograd.grad((ref * w).sum(), x)):
         rel_rms(a, r, f"d{name}")
+
+
+def test_palimpsa_carried_state_is_the_papers_recurrence():
+    """The scans carry M = I mu and Ibar = I - I_prior; written with mu and I as DESIGN.md sec. 8
+    gives them, I_t = a I_{t-1} + (1 - a) I_prior + b k^2 and mu_t = a (I_{t-1} / I_t) mu_{t-1} +
+    (v k^T) / I_t, the outputs agree: the carried form is that recurrence, not a cousin of it."""
+    log_a, v, k, b, q = (x.detach() for x in palimpsa_inputs(2, 17, 2, 3, 4))
+    prior = 0.7
+    I = torch.full((2, 2, 3, 3), prior)
+    mu = torch.zeros_like(I)
+    ys = []
+    for t in range(17):
+        a = log_a[:, t].exp()[..., None, None]
+        I_new = a * I + (1 - a) * prior + b[:, t, :, :, None] * k[:, t, :, None, :] ** 2
+        mu = a * (I / I_new) * mu + v[:, t, :, :, None] * k[:, t, :, None, :] / I_new
+        I = I_new
+        ys.append((mu @ q[:, t, :, :, None])[..., 0])
+    rel_rms(cram.palimpsa_scan_chunked(log_a, v, k, b, q, prior, 1.0, 4), torch.stack(ys, 1), "y")
+
+
+def test_palimpsa_paper_gates():
+    """palimpsa_param="paper": the value is scaled by beta and the importance input is that same beta,
+    and the decay is a_t = (1 - gamma_t / N)^dtau_t with gamma = sigmoid of the first gate."""
+    mem = cram.PalimpsaMemory(tiny_config(wm_kind="palimpsa", palimpsa_param="paper"))
+    x, dtau = torch.randn(2, 9, 16), torch.rand(2, 9) * 2
+    log_a, v_scale, b = mem.gates(x, dtau)
+    assert torch.equal(v_scale, b)
+    gamma = torch.sigmoid(mem.gate_proj(x))
+    rel_rms((log_a / dtau[..., None]).exp(), 1 - gamma / (1 + mem.N_raw.exp()), "a")
 
 
 def gated_linear_attention(log_a, v, k, q, scale):
@@ -163,8 +192,11 @@ def test_palimpsa_without_importance_is_gated_linear_attention():
     """b = 0 (wm_kind="mamba2"): Ibar stays 0, mu = M / 1, and the layer is the plain gated linear
     recurrence, here written as masked attention, to fp32 rounding."""
     log_a, v, k, b, q = palimpsa_inputs(2, 23, 2, 4, 0)
-    out = cram.palimpsa_scan_chunked(log_a, v, k, torch.zeros_like(b), q, 1.0, 0.5, 5)
-    rel_rms(out, gated_linear_attention(log_a, v, k, q, 0.5), "y")
+    gla = gated_linear_attention(log_a, v, k, q, 0.5)
+    rel_rms(cram.palimpsa_scan_chunked(log_a, v, k, torch.zeros_like(b), q, 1.0, 0.5, 5), gla, "y, b = 0")
+    rel_rms(cram.palimpsa_scan_chunked(log_a, v, k, None, q, 1.0, 0.5, 5), gla, "y, b = None (mamba2)")
+    mamba2 = cram.PalimpsaMemory(tiny_config(), metaplastic=False)
+    assert mamba2.gates(torch.randn(1, 3, 16), torch.ones(1, 3))[2] is None  # no importance scanned
 
 
 def test_palimpsa_tends_to_gated_linear_attention_as_the_prior_grows():
@@ -1203,9 +1235,15 @@ def test_theory_deployment_no_static_scheme_beats_the_bound(inst):
     of the whole sequence, randomised rules) pays at least deployment_bound for the accuracy it
     reaches, with c = 0 and c = 1/V; and the bound is met whenever a slot set reaches it exactly."""
     d = theory.enumerate_pool_draws(*inst, n=3 * inst[2])
+    _, seq = np.unique(np.concatenate([d.keys, d.values], 1), axis=0, return_inverse=True)
+    for j in range(d.q):  # the proof's step: given the whole sequence, slot j recurs with probability r
+        per_seq = np.bincount(seq.ravel(), d.recurring[:, j]) / np.bincount(seq.ravel())
+        assert np.allclose(per_seq, d.r)
     for c in (0.0, 1 / d.V):
-        table = lb.deployment_table(d, c, tables=100)
+        table = names, attn, acc = lb.deployment_table(d, c, tables=100)
         assert lb.deployment_violations(d, theory.deployment_bound, c, table=table) == []
+        on_line = d.q * (1 - (1 - acc) / ((1 - d.r) * (1 - c)))  # every static scheme's errors are
+        assert np.allclose(attn, on_line, atol=1e-9)              # (q - attn)(1 - r)(1 - c) exactly
         for j in range(d.q + 1):  # delta such that the bound is j tokens: "route j slots" meets it
             delta = (1 - j / d.q) * (1 - d.r) * (1 - c)
             assert math.isclose(theory.deployment_bound(d.n, d.f, d.r, delta, c), j, abs_tol=1e-9)
@@ -1225,7 +1263,7 @@ def test_theory_deployment_brute_force_catches_wrong_bounds(wrong):
 def test_theory_deployment_brute_force_catches_a_leaky_generator():
     """The brute force would also catch a generator that breaks exchangeability: give the recurring
     queries the smallest keys of their sequence, and the static rank rule "route the largest key"
-    beats the bound (so do key-id rules: small ids now lean recurring)."""
+    beats the bound."""
     d = theory.enumerate_pool_draws(*DEPLOY["K6-P3-q3-R2-V2"], n=9)
     leaky = np.empty_like(d.keys)
     np.put_along_axis(leaky, np.argsort(~d.recurring, axis=1, kind="stable"), np.sort(d.keys, 1), 1)

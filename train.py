@@ -273,18 +273,21 @@ def load_checkpoint(path):
     return ckpt
 
 
-def plot_run(out_dir):
-    """Write out_dir/curves.png from a run folder: its eval rows (metrics.jsonl) and, for the
-    router's decisions, its checkpoint's model on the first eval batch. Any finished or stopped run:
+def plot_run(out_dir, task=None, model=None, batch=None):
+    """Write out_dir/curves.png from a run folder: its metrics.jsonl rows and, for the router's
+    decisions, the model on the first eval batch. main() passes its task, model and batch; alone it
+    rebuilds them from the checkpoint, for any finished or stopped run:
     python -c "import train; train.plot_run('out/srcd')"."""
-    ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
-    run = {**DEFAULTS, **ckpt["run"]}
-    task = data.make(run)
-    model = CRAM(CramConfig(**{**ckpt["model_args"], "attn_impl": "auto"})).eval()
-    model.load_state_dict(ckpt["model"])
-    batch = task.batch(run["batch_size"], np.random.default_rng([run["seed"], 1, 0]))  # eval batch 0
+    if model is None:
+        ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+        run = {**DEFAULTS, **ckpt["run"]}
+        task = data.make(run)
+        model = CRAM(CramConfig(**{**ckpt["model_args"], "attn_impl": "auto"}))
+        model.load_state_dict(ckpt["model"])
+        batch = task.batch(run["batch_size"], np.random.default_rng([run["seed"], 1, 0]))  # eval batch 0
+    model.eval()
     with torch.no_grad():
-        out = model(**batch)
+        out = model(**{k: v[:1] for k, v in batch.items()})  # one sequence is all the plot shows
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     task.plot(rows, out, batch, os.path.join(out_dir, "curves.png"))
@@ -431,7 +434,7 @@ def main(argv):
                    config=dict(run={k: v for k, v in run.items() if k not in INVOCATION}, model=asdict(mcfg)))
     with open(os.path.join(c.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    plot_run(c.out_dir)
+    plot_run(c.out_dir, task, raw_model, eval_set[0])
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
     return summary
 

@@ -39,6 +39,7 @@ HERE = os.path.dirname(os.path.abspath(globals().get("__file__", os.path.join(os
 ROOT = HERE if os.path.isdir(os.path.join(HERE, "theory")) else os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+import data  # noqa: E402
 import train  # noqa: E402
 from theory.figures import save_figure  # noqa: E402
 
@@ -138,6 +139,8 @@ for row, ms in runs.items():
     for m in ms:
         assert 0 <= m["retrieval"] <= 1 and 0 <= m["attn"] <= 1 and np.isfinite(m["dynamics_mse"]), (row, m)
 floor = runs["CRAM (learned)"][0]["floor"]
+task = data.make(train.parse_args(CONFIG)[0])
+query_rate = task.n_query / task.len
 
 
 def cell(values, pct=False, digits=3):
@@ -182,7 +185,7 @@ markers = "os^vD<>pPX*h"
 for (row, ms), marker in zip(runs.items(), markers):
     ax.scatter([max(m["attn"], 1e-4) for m in ms], [m["retrieval"] for m in ms], marker=marker, s=45, label=row, alpha=0.8)
 ax.axvline(floor, color="k", ls=":", label="floor (novel queries)")
-ax.axvline(floor / 0.3, color="gray", ls="--", label="every query")
+ax.axvline(query_rate, color="gray", ls="--", label="every query")
 ax.set(xscale="log", xlabel="share of tokens on attention (any layer), final eval", ylabel="retrieval accuracy",
        title=f"SRCD ablations: {STEPS} steps, {len(SEEDS)} seeds per row")
 ax.legend(fontsize=7, loc="lower right")

@@ -47,8 +47,10 @@ Remarks.
 
 Theorem 2 (static, at deployment). Keys are exchangeable: the pool S is a uniformly random subset
 of one key space K, a sequence's recurring queries ask keys of S and its novel ones keys of K - S,
-values are drawn alike for both (instances.PoolDraws); on average a share r of the q = f n queries
-recurs. A static scheme is fixed before S is drawn: rho(x) may read positions, token types, key ids,
+values are drawn alike for both (instances.PoolDraws); each of the q = f n query slots recurs with
+the same probability r (the recurring slots are a uniformly random set, as in SRCD). Without that,
+a fixed slot rule can beat the bound: if recurring queries always came first, "route the last
+slots" would reach accuracy 1 at (1 - r) q. A static scheme is fixed before S is drawn: rho(x) may read positions, token types, key ids,
 values and counters of the sequence x, and may be randomised, but not S. At deployment every key of
 S is consolidated (C = S). If rho reaches expected accuracy >= 1 - delta there, averaged over the
 draws of S and x, then
@@ -72,6 +74,10 @@ E a(x) >= q (1 - delta / ((1 - r)(1 - c))), and |rho(x)| >= a(x). Tight: routing
 probability max(0, 1 - delta / ((1 - r)(1 - c))) meets it with equality (so does "route the first
 j queries" when the bound is an integer j). The consolidating scheme routes the novel queries,
 each with that same probability: accuracy 1 - delta with (1 - r) times the tokens. []
+
+Since every static scheme's errors are exactly (q - E a(x))(1 - r)(1 - c), every one lies ON the
+line attention = bound(1 - accuracy): the brute force below checks that identity, so it would catch
+a generator whose sequences leak whether a query recurs.
 
 What it does not cover: a router trained jointly with the model (router_mode "learned" and
 "static" in cram.py) is fixed only after it has seen the pool, so it is not static in this sense;
@@ -107,7 +113,7 @@ def deployment_bound(n, f, r, delta, chance=0.0):
 def consolidated_cost(n, f, r, delta=0.0, chance=0.0):
     """What the consolidating scheme pays at deployment for accuracy 1 - delta: the novel queries
     only, f (1 - r) n at delta = 0; (1 - r) times deployment_bound for every delta."""
-    return (1 - r) * deployment_bound(n, f, r, delta, chance) if r < 1 else 0.0
+    return (1 - r) * deployment_bound(n, f, r, delta, chance)
 
 
 def evaluate(fam, routes, consolidated=(), chance=0.0):
