@@ -3,9 +3,12 @@ CRAM: Consolidation-based Routing for Adaptive Memory, the whole model in one fi
 
 Every layer has three memories and a router. Working memory (a continuous-time recurrence) always
 runs; per token the router adds nothing more (tier W), an exact retrieval by causal attention over
-a window (tier E, episodic) or the output of a small low-rank MLP (tier S, semantic). The
-consolidation loss distils attention's answers into the MLP, so recurring retrievals stop needing
-attention during training, and attention is computed only for the tokens routed to it.
+a window (tier E, episodic) or the output of a small low-rank MLP (tier S, semantic). The paper's
+design: a consolidation loss distils attention's answers into the MLP, so recurring retrievals stop
+needing attention during training. Attention is computed only for the tokens routed to it. What
+the SRCD ablations show (README, "What makes attention fall"): the fall happens, but the
+consolidation loss, the q input and the semantic tier can each be removed without loss; the
+q-weighted penalty's role there is to keep the router from shutting attention off.
 
 Classes, leaf first as in nanoGPT: CramConfig; RouterMode and the ROUTER_MODES table; the
 kernels' plain twins (routed_attention, gated_scan_sequential / gated_scan_chunked); the tiers
