@@ -721,9 +721,11 @@ class CRAM(nn.Module):
         return out
 
     def check_inputs(self, tokens, dtau, cont, targets, pred_targets):
-        """One clear line for inputs that do not fit this model, before anything deep fails."""
+        """One clear line for inputs that do not fit this model, before anything deep fails. A
+        ConfigError (a ValueError), so train.py prints it as one line: a shape that does not fit
+        the config, such as --n_positions below the sequence length, is a setting to change."""
         def fail(msg):
-            raise ValueError(f"CRAM.forward: {msg}")
+            raise ConfigError(f"CRAM.forward: {msg}")
         cfg = self.cfg
         if tokens.dim() not in (2, 3) or tokens.is_floating_point():
             fail(f"tokens must be integer ids (B, T) or (B, T, S); got {tuple(tokens.shape)} {tokens.dtype}")
@@ -742,12 +744,17 @@ class CRAM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def attended(z):
+    """z (L, B, T, 3) -> (B, T) float: 1 where the token used attention in at least one layer."""
+    return (z[..., E].amax(0) > 0).float()
+
+
 def routing_stats(routing):
     """From forward's routing tensors: attn_frac, the share of tokens that used attention in at
     least one layer (DESIGN.md sec. 5); attn_pair_frac, the share of (token, layer) pairs; sem_frac;
     per layer the share of tokens on each tier and the mean q_hat. 0-dim tensors."""
     z, q_hat = routing["z"], routing["q_hat"]                 # (L, B, T, 3), (L, B, T)
-    stats = dict(attn_frac=(z[..., E].amax(0) > 0).float().mean(), attn_pair_frac=z[..., E].mean(),
+    stats = dict(attn_frac=attended(z).mean(), attn_pair_frac=z[..., E].mean(),
                  sem_frac=z[..., S].mean())
     for i in range(z.shape[0]):
         for j, tier in enumerate(TIERS):
@@ -761,7 +768,7 @@ def class_stats(routing, classes):
     used attention in any layer; sem_<name>, its share of (token, layer) pairs on semantic memory;
     q_<name>, its mean q_hat. 0-dim tensors, NaN for a class with no tokens."""
     z, q_hat = routing["z"], routing["q_hat"]                 # (L, B, T, 3), (L, B, T)
-    any_attn = (z[..., E].amax(0) > 0).float()                # (B, T)
+    any_attn = attended(z)                                    # (B, T)
     stats = {}
     for name, mask in classes.items():
         m = mask.float()

@@ -774,6 +774,14 @@ def test_resume_equals_uninterrupted_run_bit_for_bit(tmp_path):
     assert no_wall(json.load(open(a / "summary.json"))) == no_wall(json.load(open(b / "summary.json")))
 
 
+def test_model_input_that_does_not_fit_the_settings_is_one_line(tmp_path):
+    """Position embeddings shorter than the sequence: train.py stops with one line, no traceback."""
+    r = subprocess.run([sys.executable, "train.py", *TINY_RUN, "--wm_kind=none", "--n_positions=40",
+                        f"--out_dir={tmp_path}"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0, r.stderr[-1000:]
+    assert r.stderr.startswith("error: CRAM.forward: 48 tokens") and "n_positions=40" in r.stderr
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--max_iters=abc"], "--max_iters=abc: expected int"),
     (["--learning_rate=fast"], "expected float"),
