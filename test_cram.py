@@ -832,6 +832,15 @@ def test_checkpoint_errors_and_no_lost_work(tmp_path):
         train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--resume=True"])
 
 
+def test_overwrite_leaves_nothing_of_the_replaced_run(tmp_path):
+    train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--max_iters=2"])
+    assert (tmp_path / "summary.json").exists()
+    train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--max_iters=4", "--stop_iter=1", "--overwrite"])
+    assert not (tmp_path / "summary.json").exists()  # a reader must not take it for the new run's
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows) <= 1
+
+
 def test_command_line_error_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "train.py", "--max_iters=x", f"--out_dir={tmp_path}"],
                        capture_output=True, text=True, cwd=ROOT)

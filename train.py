@@ -353,8 +353,8 @@ def main(argv):
             with open(metrics_path, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows
                              if r["step"] < step or (r["kind"] == "train" and r["step"] == step))
-    else:
-        for name in ("metrics.jsonl", "log.txt"):
+    else:  # a fresh run: nothing of a replaced run may stay beside it
+        for name in ("metrics.jsonl", "log.txt", "summary.json", "curves.png"):
             if os.path.exists(os.path.join(c.out_dir, name)):
                 os.remove(os.path.join(c.out_dir, name))
 

@@ -67,6 +67,12 @@ ROWS = {  # row name: its flags on top of CONFIG
     "no attention (never)": ["--router_mode=never"],
     "transformer (same width)": ["--router_mode=always", "--wm_kind=none", f"--n_positions={LEN}"],
 }
+# The penalty sweep: three routers at each compute-penalty weight. Their runs at the default weight
+# (0.5) are the table's rows named beside them.
+PENALTIES = [0.03, 1.0] if SMALL else [0.01, 0.03, 0.1, 0.3, 1.0]
+VARIANTS = {"CRAM": "CRAM (learned)", "flat penalty": "flat penalty", "static": "static (w/o consolidation)"}
+SWEEP = {(variant, w): ROWS[row] + [f"--w_compute={w}"] for w in PENALTIES for variant, row in VARIANTS.items()}
+RUNS = dict(ROWS) | {f"{variant}, penalty {w}": flags for (variant, w), flags in SWEEP.items()}
 
 # %% [markdown]
 # ## Train what is missing
@@ -87,14 +93,15 @@ def finished(path, argv):
         return None
     run, model = train.parse_args(argv)
     done = summary["config"]
-    same = all(done["run"].get(k) == v for k, v in run.items() if k not in train.INVOCATION + ("threads",))
+    ignored = train.INVOCATION + ("threads",) + tuple(set(data.settings()) - set(data.setting_keys(run["dataset"])))
+    same = all(done["run"].get(k) == v for k, v in run.items() if k not in ignored)
     return summary if same and all(done["model"].get(k) == v for k, v in model.items()) else None
 
 
 def train_one(job):
     row, seed = job
     path = run_dir(row, seed)
-    argv = CONFIG + ROWS[row] + [f"--seed={seed}", f"--out_dir={path}", "--overwrite"]
+    argv = CONFIG + RUNS[row] + [f"--seed={seed}", f"--out_dir={path}", "--overwrite"]
     if finished(path, argv):
         return
     if SMALL:
@@ -109,7 +116,8 @@ def train_one(job):
     print(f"trained {row}, seed {seed}: {time.time() - t0:.0f} s", flush=True)
 
 
-jobs = [(row, seed) for row in ROWS for seed in SEEDS]
+# seed by seed, so that a stopped regeneration has every row and penalty for the first seeds
+jobs = [(row, seed) for seed in SEEDS for row in RUNS]
 with ThreadPoolExecutor(1 if SMALL else JOBS) as pool:
     list(pool.map(train_one, jobs))
 
@@ -121,7 +129,7 @@ with ThreadPoolExecutor(1 if SMALL else JOBS) as pool:
 # %%
 def measure(row, seed):
     path = run_dir(row, seed)
-    summary = finished(path, CONFIG + ROWS[row] + [f"--seed={seed}", f"--out_dir={path}"])
+    summary = finished(path, CONFIG + RUNS[row] + [f"--seed={seed}", f"--out_dir={path}"])
     assert summary, f"{path}: no finished run"
     with open(os.path.join(path, "metrics.jsonl")) as fh:
         evals = [r for r in map(json.loads, fh) if r["kind"] == "eval"]
@@ -134,7 +142,7 @@ def measure(row, seed):
                 collapsed=summary["retrieval_acc"] < 0.9, wall_seconds=summary["wall_seconds"], floor=floor)
 
 
-runs = {row: [measure(row, seed) for seed in SEEDS] for row in ROWS}
+runs = {row: [measure(row, seed) for seed in SEEDS] for row in RUNS}
 for row, ms in runs.items():
     for m in ms:
         assert 0 <= m["retrieval"] <= 1 and 0 <= m["attn"] <= 1 and np.isfinite(m["dynamics_mse"]), (row, m)
@@ -159,7 +167,8 @@ print(f"{STEPS} steps, seeds {SEEDS}, attention floor {100 * floor:.2f}%; mean (
 print("| row | " + " | ".join(c for c, _, _ in columns) + " | consolidation step | collapsed | wall s | flags |")
 print("|---|" + "---:|" * (len(columns) + 3) + "---|")
 table = []
-for row, ms in runs.items():
+for row in ROWS:
+    ms = runs[row]
     steps = [m["consolidation_step"] for m in ms]
     reached = [s for s in steps if s is not None]
     step_cell = (f"{int(np.mean(reached))}" + (f" ({min(reached)}-{max(reached)})" if len(set(reached)) > 1 else "")
@@ -182,7 +191,8 @@ print(f"\nrows as JSON: {os.path.relpath(os.path.join(OUT, 'table.json'), ROOT)}
 # %%
 fig, ax = plt.subplots(figsize=(8, 5))
 markers = "os^vD<>pPX*h"
-for (row, ms), marker in zip(runs.items(), markers):
+for (row, marker) in zip(ROWS, markers):
+    ms = runs[row]
     ax.scatter([max(m["attn"], 1e-4) for m in ms], [m["retrieval"] for m in ms], marker=marker, s=45, label=row, alpha=0.8)
 ax.axvline(floor, color="k", ls=":", label="floor (novel queries)")
 ax.axvline(query_rate, color="gray", ls="--", label="every query")
@@ -191,3 +201,52 @@ ax.set(xscale="log", xlabel="share of tokens on attention (any layer), final eva
 ax.legend(fontsize=7, loc="lower right")
 fig.tight_layout()
 save_figure(fig, "04_srcd_ablations")
+
+# %% [markdown]
+# ## The penalty sweep
+# CRAM, the flat-penalty router and static at each compute-penalty weight (0.5 is the default, the
+# table's rows). Each cell: mean retrieval, mean attention as a multiple of the floor, and how many
+# seeds hold retrieval >= 99.5% at attention <= 1.25x the floor (final evaluation). The plot is the
+# Pareto picture: one point per seed, retrieval against attention, the penalty written beside it.
+
+# %%
+weights = sorted(PENALTIES + [0.5])
+
+
+def sweep_runs(variant, w):
+    return runs[VARIANTS[variant]] if w == 0.5 else runs[f"{variant}, penalty {w}"]
+
+
+def holds(m):
+    return m["retrieval"] >= 0.995 and m["attn"] <= 1.25 * floor
+
+
+print("| router | " + " | ".join(f"penalty {w}" for w in weights) + " |")
+print("|---|" + "---:|" * len(weights))
+sweep = []
+for variant in VARIANTS:
+    cells = []
+    for w in weights:
+        ms = sweep_runs(variant, w)
+        ret, attn = np.mean([m["retrieval"] for m in ms]), np.mean([m["attn"] for m in ms])
+        cells.append(f"{100 * ret:.1f}%, {attn / floor:.2f}x, {sum(map(holds, ms))} of {len(ms)}")
+        sweep.append(dict(router=variant, w_compute=w, runs=ms))
+    print(f"| {variant} | " + " | ".join(cells) + " |")
+with open(os.path.join(OUT, "sweep.json"), "w") as fh:
+    json.dump(sweep, fh, indent=1)
+
+fig, ax = plt.subplots(figsize=(8, 5))
+for variant, color in zip(VARIANTS, ["C0", "C3", "C2"]):
+    for w in weights:
+        ms = sweep_runs(variant, w)
+        xs, ys = [max(m["attn"], 1e-4) for m in ms], [m["retrieval"] for m in ms]
+        ax.scatter(xs, ys, color=color, s=20 + 40 * weights.index(w), alpha=0.6,
+                   label=variant if w == weights[0] else None)
+        ax.annotate(f"{w:g}", (np.median(xs), np.median(ys)), fontsize=6, color=color)
+ax.axvline(floor, color="k", ls=":", label="floor (novel queries)")
+ax.axvline(query_rate, color="gray", ls="--", label="every query")
+ax.set(xscale="log", xlabel="share of tokens on attention (any layer), final eval", ylabel="retrieval accuracy",
+       title=f"Penalty sweep: w_compute in {weights}, {len(SEEDS)} seeds (larger marker: larger penalty)")
+ax.legend(fontsize=7, loc="lower right")
+fig.tight_layout()
+save_figure(fig, "04_penalty_sweep")
