@@ -3,7 +3,8 @@ The datasets train.py trains on, one class each, all with the same small interfa
 
     data = SRCD(len=512)                     # a dataclass of the dataset's settings
     data.vocab_size, data.n_cont, data.n_pred     # what the model needs (CramConfig fields)
-    batch = data.batch(16, rng, "cpu")       # keyword arguments of CRAM.forward
+    batch = data.batch(16, rng, "cpu")       # keyword arguments of CRAM.forward; split="val" for
+                                             # the eval set (only token files keep a held-out split)
     out = model(**batch)
     data.metrics(out, batch)                 # its task scores: 0-dim tensors, no host sync
     data.describe()                          # one line for the log
@@ -13,7 +14,18 @@ The datasets train.py trains on, one class each, all with the same small interfa
 
 train.py exposes each setting as --<prefix><field> (--srcd_len=2048), and a resumed run must keep
 all of them. DATASETS maps --dataset to the class.
+
+Token files for language modelling are made once by the preparation command (nanoGPT's format):
+
+    python data.py prepare --source=openwebtext              # -> data/openwebtext/{train,val}.bin
+    python data.py prepare --source='books/*.txt' --out_dir=data/books --encoding=bytes
+    python data.py prepare --source=pydoc --encoding=bytes   # a tiny corpus Python ships, offline
 """
+import argparse
+import glob
+import json
+import os
+import sys
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -113,9 +125,10 @@ class SRCD:
         cont = np.stack([y_prev, np.log1p(gaps)], 1)
         return tokens, gaps, cont, targets, y[:, None]
 
-    def batch(self, b, rng, device="cpu"):
+    def batch(self, b, rng, device="cpu", split="train"):
         """b sequences -> CRAM.forward's keyword arguments: tokens (b, n, 2), dtau (b, n),
-        cont (b, n, 2), targets (b, n), pred_targets (b, n, 1)."""
+        cont (b, n, 2), targets (b, n), pred_targets (b, n, 1). One generator for every split:
+        the eval set differs from training by its rng only."""
         cols = [np.stack(c) for c in zip(*(self.sequence(rng) for _ in range(b)))]
         names = ("tokens", "dtau", "cont", "targets", "pred_targets")
         out = {k: torch.from_numpy(c) for k, c in zip(names, cols)}
@@ -257,8 +270,9 @@ class MQAR:
             tokens[filler] = rng.integers(self.vocab, size=filler.sum())
         return tokens, targets
 
-    def batch(self, b, rng, device="cpu"):
-        """b examples -> CRAM.forward's keyword arguments: tokens (b, len), targets (b, len)."""
+    def batch(self, b, rng, device="cpu", split="train"):
+        """b examples -> CRAM.forward's keyword arguments: tokens (b, len), targets (b, len); every
+        split from the one generator, as SRCD."""
         tokens, targets = (np.stack(c) for c in zip(*(self.example(rng) for _ in range(b))))
         return {k: to_device(torch.from_numpy(v), device) for k, v in dict(tokens=tokens, targets=targets).items()}
 
@@ -299,6 +313,205 @@ class MQAR:
                     attn_other=m.get("attn_other"))
 
 
+@dataclass
+class TokenFile:
+    """Language modelling on token files made by `python data.py prepare` (nanoGPT's format):
+    train.bin and val.bin, flat uint16 token ids with the end-of-text token between documents, and
+    meta.json (the encoding, its vocabulary size, the token counts). A batch is b windows of len + 1
+    tokens at random offsets of the split's file, read through a memmap (so the file never has to
+    fit in memory); the targets are the inputs shifted by one. Every token is a target; routing is
+    reported per layer (routing_stats' L<i>_episodic), since no token class here is known to need attention.
+    """
+    dir: str = "data/openwebtext"  # the prepared folder (train.bin, val.bin, meta.json)
+    len: int = 256                 # context: tokens per training sequence (GPT-2: 1024)
+
+    prefix = "data_"
+    n_cont, n_pred = 0, 0
+
+    def __post_init__(self):
+        meta_path = os.path.join(self.dir, "meta.json")
+        if not os.path.exists(meta_path):
+            raise ConfigError(f"no prepared data in {self.dir} (meta.json is missing): make it with "
+                              f"python data.py prepare --source=openwebtext --out_dir={self.dir}, or --source='your/*.txt'")
+        with open(meta_path) as fh:
+            self.meta = json.load(fh)
+        # the embedding rounded up to a multiple of 64 (nanoGPT's 50304 for GPT-2's 50257): the
+        # extra rows are never targets and make the output matmul's shapes faster on GPUs
+        self.vocab_size = -(-self.meta["vocab_size"] // 64) * 64
+        for split in ("train", "val"):
+            n = self.tokens(split).shape[0]
+            if n < self.len + 2:
+                raise ConfigError(f"{self.path(split)} holds {n} tokens, fewer than one sequence of "
+                                  f"--{self.prefix}len={self.len} + 1: prepare more text or lower --{self.prefix}len")
+
+    def path(self, split):
+        return os.path.join(self.dir, f"{split}.bin")
+
+    def tokens(self, split):
+        """The split's token ids as a read-only memmap, made afresh per call (nanoGPT: a memmap
+        kept open grows the process's memory as pages are read)."""
+        if not os.path.exists(self.path(split)):
+            raise ConfigError(f"{self.path(split)} is missing: prepare {self.dir} again with python data.py prepare")
+        return np.memmap(self.path(split), dtype=np.uint16, mode="r")
+
+    def batch(self, b, rng, device="cpu", split="train"):
+        """b windows of the split -> CRAM.forward's keyword arguments: tokens (b, len), targets (b, len)."""
+        ids = self.tokens(split)
+        start = rng.integers(len(ids) - self.len, size=b)
+        chunks = np.stack([ids[i:i + self.len + 1] for i in start]).astype(np.int64)
+        return {k: to_device(torch.from_numpy(v), device)
+                for k, v in dict(tokens=chunks[:, :-1], targets=chunks[:, 1:]).items()}
+
+    def metrics(self, out, batch):
+        """Next-token accuracy; the loss is train.py's ce (the validation loss on the eval set)."""
+        return {"acc": (out["logits"].argmax(-1) == batch["targets"]).float().mean()}
+
+    def describe(self):
+        m = self.meta
+        return (f"tokens: {self.dir} ({m['encoding']}, vocab {m['vocab_size']} as {self.vocab_size}), "
+                f"{m['train_tokens']:,} train and {m['val_tokens']:,} val tokens, context {self.len}")
+
+    @staticmethod
+    def layers(m):
+        """The layers named in routing_stats' keys (L0_episodic: layer 0's share on attention)."""
+        return sorted(k.split("_")[0] for k in m if k.startswith("L") and k.endswith("_episodic"))
+
+    def line(self, m):
+        attn = " ".join(f"{layer} {100 * m[layer + '_episodic']:.1f}%" for layer in self.layers(m))
+        return f"acc {m.get('acc', float('nan')):.4f} | attn per layer {attn}"
+
+    def plot(self, rows, out, batch, path):
+        """curves.png: training and validation loss, and the attention share per layer, against step."""
+        from matplotlib.figure import Figure
+        col = lambda kind, k: column(rows, kind, k)
+        fig = Figure(figsize=(11, 4))
+        ax0, ax1 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+        ax0.plot(col("train", "step"), col("train", "ce"), "-", label="train (one batch)")
+        ax0.plot(col("eval", "step"), col("eval", "ce"), "o-", label="val")
+        for i, layer in enumerate(self.layers(rows[-1])):
+            ax1.plot(col("train", "step"), col("train", layer + "_episodic"), "-", color=f"C{i}", label=f"layer {layer[1:]}")
+            ax1.plot(col("eval", "step"), col("eval", layer + "_episodic"), "o", color=f"C{i}")
+        ax0.set(xlabel="step", ylabel="cross-entropy (nats per token)", title="language modelling loss")
+        ax1.set(xlabel="step", ylabel="share of tokens on attention", ylim=(-0.03, 1.03), title="routing per layer")
+        ax0.legend(fontsize=8)
+        ax1.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+
+    def summary(self, m):
+        return dict(val_loss=m.get("ce"), val_acc=m.get("acc"),
+                    attn_per_layer={layer: m[layer + "_episodic"] for layer in self.layers(m)})
+
+
+# ---- preparing token files ----------------------------------------------------------------------
+
+def byte_encoding():
+    """A tokenizer that needs nothing downloaded: one token per UTF-8 byte, end-of-text 256; a
+    tiktoken Encoding (GPT-2's pre-tokenizer pattern, no merges). For character-level corpora and
+    the tests; GPT-2's BPE ("gpt2") is the default."""
+    import tiktoken
+    pattern = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+    return tiktoken.Encoding(name="bytes", pat_str=pattern, mergeable_ranks={bytes([i]): i for i in range(256)},
+                             special_tokens={"<|endoftext|>": 256})
+
+
+def get_encoding(name):
+    """A tiktoken Encoding by name: "bytes", or one tiktoken knows ("gpt2"), whose tables tiktoken
+    downloads on first use and keeps in TIKTOKEN_CACHE_DIR."""
+    if name == "bytes":
+        return byte_encoding()
+    try:
+        import tiktoken
+        return tiktoken.get_encoding(name)
+    except ImportError:
+        raise ConfigError("tiktoken is not installed: pip install -r requirements.txt")
+    except Exception as e:
+        raise ConfigError(f"the {name} tokenizer tables could not be loaded ({type(e).__name__}): tiktoken downloads "
+                          "them once; run once with internet, or set TIKTOKEN_CACHE_DIR to a folder that holds them")
+
+
+def read_documents(source):
+    """source -> (iterable of document strings, their number, the default val split). "openwebtext"
+    streams OpenWebText through the datasets library: its parquet export, since datasets 4 no
+    longer runs the original loading script (`load_dataset("openwebtext")` fails). "pydoc" is a
+    small real corpus every Python ships: pydoc's 79 help topics (English about Python, 0.46 MB).
+    Anything else is a glob of text files, one document each."""
+    if source == "openwebtext":
+        try:
+            from datasets import load_dataset
+        except ImportError:
+            raise ConfigError("--source=openwebtext needs the datasets library: pip install datasets==5.2.0")
+        ds = load_dataset("Skylion007/openwebtext", revision="refs/convert/parquet", split="train")
+        return (row["text"] for row in ds), len(ds), 0.0005
+    if source == "pydoc":
+        from pydoc_data.topics import topics
+        return list(topics.values()), len(topics), 0.1
+    paths = sorted(p for p in glob.glob(source, recursive=True) if os.path.isfile(p))
+    if not paths:
+        raise ConfigError(f"--source={source}: no file matches; give openwebtext, pydoc or a glob of text files ('texts/*.txt')")
+
+    def read(path):
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return fh.read()
+    return map(read, paths), len(paths), 0.1
+
+
+def prepare(source, out_dir, encoding="gpt2", val_fraction=None, seed=2357):
+    """Tokenize the documents of `source` into out_dir/train.bin and val.bin (uint16 ids, the
+    end-of-text token after every document) and meta.json; returns the meta dict. Documents are
+    encoded in batches and appended as they come, so OpenWebText never sits in memory. The
+    validation split: a share val_fraction of the documents drawn with `seed` (OpenWebText's
+    default 0.0005, nanoGPT's); with local files, whose documents are few, the last val_fraction
+    of the tokens (default 0.1), as nanoGPT's Shakespeare."""
+    from tqdm import tqdm
+    enc = get_encoding(encoding)
+    if enc.n_vocab > 2 ** 16:
+        raise ConfigError(f"--encoding={encoding}: {enc.n_vocab} tokens do not fit in uint16")
+    docs, n_docs, default_val = read_documents(source)
+    val_fraction = default_val if val_fraction is None else val_fraction
+    if not 0 < val_fraction < 1:
+        raise ConfigError(f"--val_fraction={val_fraction}: expected in (0, 1)")
+    by_document = source == "openwebtext"
+    os.makedirs(out_dir, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    files = {split: open(os.path.join(out_dir, f"{split}.bin.tmp"), "wb") for split in ("train", "val")}
+    counts = dict(train=0, val=0)
+
+    def write(split, ids):
+        files[split].write(np.asarray(ids, np.uint16).tobytes())
+        counts[split] += len(ids)
+
+    def encode(batch):
+        for ids in enc.encode_ordinary_batch(batch, num_threads=os.cpu_count() or 1):
+            write("val" if by_document and rng.random() < val_fraction else "train", ids + [enc.eot_token])
+        bar.update(len(batch))
+        batch.clear()
+
+    batch = []
+    with tqdm(total=n_docs, unit="doc", desc=f"tokenizing {source}") as bar:
+        for doc in docs:
+            batch.append(doc)
+            if len(batch) == 1024:
+                encode(batch)
+        encode(batch)
+    for fh in files.values():
+        fh.close()
+    tmp = {split: os.path.join(out_dir, f"{split}.bin.tmp") for split in files}
+    if not by_document:  # move the last val_fraction of the tokens into val
+        ids = np.fromfile(tmp["train"], np.uint16)
+        cut = len(ids) - max(1, int(val_fraction * len(ids)))
+        ids[:cut].tofile(tmp["train"])
+        ids[cut:].tofile(tmp["val"])
+        counts = dict(train=cut, val=len(ids) - cut)
+    for split, path in tmp.items():
+        os.replace(path, os.path.join(out_dir, f"{split}.bin"))
+    meta = dict(source=source, encoding=encoding, vocab_size=enc.n_vocab, eot=enc.eot_token, dtype="uint16",
+                documents=n_docs, train_tokens=counts["train"], val_tokens=counts["val"])
+    with open(os.path.join(out_dir, "meta.json"), "w") as fh:
+        json.dump(meta, fh, indent=1)
+    return meta
+
+
 def column(rows, kind, key):
     """One metric over a run's metrics.jsonl rows of one kind ("train" or "eval"), NaN where absent."""
     return np.array([r.get(key, np.nan) for r in rows if r["kind"] == kind], float)
@@ -311,7 +524,7 @@ def to_device(x, device):
     return x.to(device)
 
 
-DATASETS = {"srcd": SRCD, "mqar": MQAR}
+DATASETS = {"srcd": SRCD, "mqar": MQAR, "openwebtext": TokenFile}  # openwebtext: any prepared --data_dir
 
 
 def settings():
@@ -332,3 +545,25 @@ def make(run):
     cls = DATASETS[run["dataset"]]
     return cls(**{f.name: run[cls.prefix + f.name] for f in fields(cls)})
 
+
+
+def main(argv):
+    ap = argparse.ArgumentParser(prog="python data.py prepare", description=prepare.__doc__.split(";")[0])
+    ap.add_argument("command", choices=["prepare"])
+    ap.add_argument("--source", required=True, help="openwebtext, pydoc, or a glob of text files ('texts/*.txt')")
+    ap.add_argument("--out_dir", help="where train.bin, val.bin, meta.json go (default data/<source name>)")
+    ap.add_argument("--encoding", default="gpt2", help="gpt2 (GPT-2's BPE, tiktoken) or bytes (one token per byte)")
+    ap.add_argument("--val_fraction", type=float, help="validation share (default: 0.0005 of OpenWebText's "
+                                                       "documents, 0.1 of local text's tokens)")
+    a = ap.parse_args(argv)
+    out_dir = a.out_dir or os.path.join("data", a.source if a.source in ("openwebtext", "pydoc") else "text")
+    meta = prepare(a.source, out_dir, a.encoding, a.val_fraction)
+    print(f"{out_dir}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens from "
+          f"{meta['documents']:,} documents; train with python train.py --dataset=openwebtext --data_dir={out_dir}")
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except ConfigError as e:
+        sys.exit(f"error: {e}")

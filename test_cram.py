@@ -25,6 +25,7 @@ from hypothesis import given, settings, strategies as st
 
 import cram
 import data
+import sample
 import theory
 import train
 from cram import CRAM, ROUTER_MODES, ConfigError, CramConfig, dense_attention, routing_stats
@@ -870,8 +871,8 @@ def test_nonfinite_loss_stops_in_one_line_and_keeps_the_last_checkpoint(tmp_path
     and the checkpoint of step 3 is left as it was."""
     real, calls = data.SRCD.batch, []
 
-    def poisoned(self, b, rng, device="cpu"):
-        batch = real(self, b, rng, device)
+    def poisoned(self, b, rng, device="cpu", split="train"):
+        batch = real(self, b, rng, device, split)
         calls.append(1)
         if len(calls) > 1 + 4:  # 1 eval batch, then training steps 0 .. 3 are clean
             batch["cont"][0, 0, 0] = float("nan")
@@ -901,10 +902,10 @@ def test_nonfinite_gradient_stops_the_run_too(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("name", list(data.DATASETS))
-def test_dataset_interface(name):
+def test_dataset_interface(name, token_dir):
     """What train.py asks of every dataset: model sizes, batches of CRAM.forward's arguments decided
     by the rng alone, metrics as 0-dim tensors, one-line descriptions, a JSON summary, flags."""
-    task = data.make(dict(train.DEFAULTS, dataset=name))
+    task = data.make(dict(train.DEFAULTS, dataset=name, data_dir=str(token_dir)))
     assert all(type(getattr(task, k)) is int for k in ("vocab_size", "n_cont", "n_pred"))
     batch = task.batch(3, np.random.default_rng(0), "cpu")
     again = task.batch(3, np.random.default_rng(0), "cpu")
@@ -928,6 +929,175 @@ def test_bf16_autocast_training_runs(tmp_path):
     summary = train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--max_iters=6", "--attn_warmup=3",
                                      "--dtype=bfloat16", "--device=cpu"])
     assert summary and math.isfinite(summary["dynamics_mse"]) and math.isfinite(summary["retrieval_acc"])
+
+
+# ---- language modelling: prepare, token files, torchrun, sampling (data.py, train.py, sample.py) ----
+
+WORDS = "the cat sat on a mat while dogs ran far from home and birds sang old songs".split()
+
+
+def write_corpus(folder, n_files=4, lines=200, seed=0):
+    """Small text files of random words: the corpus every test below prepares."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    texts = []
+    for i in range(n_files):
+        texts.append("\n".join(" ".join(rng.choice(WORDS, 10)) for _ in range(lines)) + f" é{i}")
+        (folder / f"doc{i}.txt").write_text(texts[-1], encoding="utf-8")
+    return texts
+
+
+@pytest.fixture(scope="session")
+def token_dir(tmp_path_factory):
+    """A corpus prepared once by the real preparation code, one token per byte (no download)."""
+    root = tmp_path_factory.mktemp("corpus")
+    write_corpus(root / "text")
+    data.prepare(str(root / "text" / "*.txt"), str(root / "tokens"), encoding="bytes")
+    return root / "tokens"
+
+
+TOKEN_RUN = ["--dataset=openwebtext", "--data_len=32", "--batch_size=4", "--n_embd=16", "--n_head=2",
+             "--eval_batches=1", "--log_interval=2", "--eval_interval=4", "--threads=1"]
+
+
+def test_prepare_keeps_every_token_in_order(tmp_path):
+    texts = write_corpus(tmp_path / "text")
+    meta = data.prepare(str(tmp_path / "text" / "*.txt"), str(tmp_path / "tok"), encoding="bytes", val_fraction=0.25)
+    enc = data.byte_encoding()
+    want = [t for text in texts for t in enc.encode_ordinary(text) + [enc.eot_token]]
+    got = np.concatenate([np.fromfile(tmp_path / "tok" / f"{s}.bin", np.uint16) for s in ("train", "val")])
+    assert got.tolist() == want  # every document, in file order, each closed by end-of-text
+    assert meta["val_tokens"] == int(0.25 * len(want)) and meta["train_tokens"] + meta["val_tokens"] == len(want)
+    assert enc.decode(got[:len(enc.encode_ordinary(texts[0]))].tolist()) == texts[0]
+
+
+def test_openwebtext_is_split_by_document(tmp_path, monkeypatch):
+    docs = [" ".join(WORDS[:1 + i % 7]) for i in range(400)]
+    monkeypatch.setattr(data, "read_documents", lambda source: (iter(docs), len(docs), 0.0005))
+    meta = data.prepare("openwebtext", str(tmp_path), encoding="bytes", val_fraction=0.1)
+    val = np.fromfile(tmp_path / "val.bin", np.uint16)
+    train_ids = np.fromfile(tmp_path / "train.bin", np.uint16)
+    n_val = int((val == 256).sum())
+    assert 20 <= n_val <= 60 and (train_ids == 256).sum() + n_val == 400  # about 10% of the documents
+    assert val[-1] == 256 and meta["val_tokens"] == len(val)
+
+
+def test_preparation_errors_are_one_line(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="no file matches"):
+        data.prepare(str(tmp_path / "none" / "*.txt"), str(tmp_path / "x"), encoding="bytes")
+    import tiktoken
+
+    def offline(name):
+        raise ConnectionError("no route to host")
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(ConfigError, match="TIKTOKEN_CACHE_DIR"):
+        data.get_encoding("gpt2")
+    with pytest.raises(ConfigError, match="python data.py prepare"):
+        train.main(TOKEN_RUN + [f"--data_dir={tmp_path / 'missing'}", f"--out_dir={tmp_path / 'run'}"])
+
+
+def test_token_batches_read_their_split(tmp_path):
+    (tmp_path / "train.bin").write_bytes(np.full(500, 7, np.uint16).tobytes())
+    (tmp_path / "val.bin").write_bytes(np.arange(500, dtype=np.uint16).tobytes())
+    (tmp_path / "meta.json").write_text(json.dumps(dict(encoding="bytes", vocab_size=600, train_tokens=500, val_tokens=500)))
+    task = data.TokenFile(dir=str(tmp_path), len=16)
+    assert task.vocab_size == 640
+    assert (task.batch(3, np.random.default_rng(0))["tokens"] == 7).all()
+    val = task.batch(5, np.random.default_rng(0), split="val")
+    assert torch.equal(val["targets"], val["tokens"] + 1)  # the next token, from val.bin
+    assert not (train.eval_batch(task, dict(batch_size=4, seed=0), 0)["tokens"] == 7).any()  # train.py's eval set
+    with pytest.raises(ConfigError, match="fewer than one sequence"):
+        data.TokenFile(dir=str(tmp_path), len=600)
+
+
+def test_language_model_trains_on_token_files(token_dir, tmp_path):
+    summary = train.main(TOKEN_RUN + [f"--data_dir={token_dir}", f"--out_dir={tmp_path}", "--max_iters=40",
+                                      "--eval_interval=20", "--learning_rate=1e-2"])
+    evals = [r for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if r["kind"] == "eval"]
+    assert evals[-1]["ce"] < evals[0]["ce"] - 1.0, [r["ce"] for r in evals]  # from ln 257 = 5.5
+    assert summary["val_loss"] == evals[-1]["ce"] and set(summary["attn_per_layer"]) == {"L0", "L1"}
+    assert (tmp_path / "curves.png").exists()
+
+
+def test_config_file_then_flags(tmp_path):
+    cfg = tmp_path / "tiny.py"
+    cfg.write_text("# a config\nbatch_size = 3\nn_embd = 24  # width\nwm_kind = 'none'\n")
+    run, model = train.parse_args([str(cfg), "--batch_size=5"])
+    assert run["batch_size"] == 5 and model == dict(n_embd=24, wm_kind="none")
+    cfg.write_text("import os\n")
+    with pytest.raises(ConfigError, match="key = value"):
+        train.parse_args([str(cfg)])
+    for path in ("configs/text_tiny.py", "configs/openwebtext_gpt2_small.py"):
+        train.parse_args([os.path.join(ROOT, path)])  # the shipped configs parse
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    """Two micro-batches of 4 give the weights of one batch of 8: SRCD draws sequence by sequence,
+    every sequence has as many queries, and router_mode=always draws no noise."""
+    run = TINY_RUN + ["--max_iters=3", "--router_mode=always", "--grad_clip=0"]  # clipping hides a scale
+    train.main(run + [f"--out_dir={tmp_path / 'a'}", "--batch_size=4", "--gradient_accumulation_steps=2"])
+    train.main(run + [f"--out_dir={tmp_path / 'b'}", "--batch_size=8"])
+    assert_same_training(tmp_path / "a", tmp_path / "b")
+
+
+def assert_same_training(path_a, path_b):
+    """Two runs' checkpoints hold the same weights and the same Adam moments; the first moment
+    is what sees a gradient off by a factor, to which Adam's update is blind. The weights agree to
+    1e-5, not to rounding: where the true gradient is ~0 (the key bias, which softmax ignores)
+    Adam divides rounding noise by its own size and moves the weight by up to lr per step."""
+    a, b = (torch.load(p / "ckpt.pt", weights_only=False) for p in (path_a, path_b))
+    assert all(torch.allclose(a["model"][k], b["model"][k], atol=1e-5) for k in a["model"])
+    moments = [(sa["exp_avg"], sb["exp_avg"]) for sa, sb in zip(a["optimizer"]["state"].values(),
+                                                                 b["optimizer"]["state"].values())]
+    assert moments and all(torch.allclose(x, y, rtol=1e-4, atol=1e-8) for x, y in moments)
+
+
+def torchrun(args, n=2):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                        "train.py", *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+def test_torchrun_two_ranks_equal_one_process_and_resume(token_dir, tmp_path):
+    """gloo on CPU: 2 ranks with one micro-batch each, stopped at step 2 and resumed, end with the
+    weights of one process accumulating the same two micro-batches; rank 0 alone writes."""
+    run = TOKEN_RUN + [f"--data_dir={token_dir}", "--max_iters=4", "--batch_size=2",
+                       "--gradient_accumulation_steps=2", "--router_mode=always", "--grad_clip=0"]
+    out = torchrun(run + [f"--out_dir={tmp_path / 'ddp'}", "--stop_iter=2"])
+    assert out.count("new run") == 1  # one log, from rank 0
+    out = torchrun(run + [f"--out_dir={tmp_path / 'ddp'}", "--resume"])
+    assert "the weights of all 2 ranks are identical" in out
+    train.main(run + [f"--out_dir={tmp_path / 'one'}"])
+    assert_same_training(tmp_path / "ddp", tmp_path / "one")
+    summary = json.load(open(tmp_path / "ddp" / "summary.json"))
+    assert summary["steps"] == 4
+
+
+def test_torchrun_errors_name_the_fix(tmp_path):
+    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29999")
+    for flags, words in ((["--backend=nccl", "--device=cpu"], "use --backend=gloo"),
+                         (["--gradient_accumulation_steps=3"], "not divisible by the 2 ranks")):
+        r = subprocess.run([sys.executable, "train.py", *flags, f"--out_dir={tmp_path}"],
+                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+        assert r.returncode != 0 and words in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_sample_from_a_language_model_run(token_dir, tmp_path):
+    train.main(TOKEN_RUN + [f"--data_dir={token_dir}", f"--out_dir={tmp_path}", "--max_iters=4"])
+    args = [f"--out_dir={tmp_path}", "--start=the cat", "--num_samples=2", "--max_new_tokens=12"]
+    texts = sample.main(args)
+    assert texts == sample.main(args) and all(t.startswith("the cat") for t in texts)  # the seed decides
+    greedy = sample.main(args + ["--temperature=0"])
+    _, task, model = train.load_run(str(tmp_path))
+    ids = torch.tensor([list(b"the cat")])
+    for _ in range(12):  # greedy decoding by hand
+        ids = torch.cat([ids, model(ids)["logits"][:, -1].argmax(-1, keepdim=True)], 1)
+    assert greedy[0] == data.byte_encoding().decode([t for t in ids[0].tolist() if t < 257])
+    with pytest.raises(ConfigError, match="language-model run"):
+        other = tmp_path / "srcd"
+        train.main(TINY_RUN + [f"--out_dir={other}", "--max_iters=2"])
+        sample.main([f"--out_dir={other}"])
 
 
 # ---- kernel.py (Triton, under the interpreter) ---------------------------------------------------

@@ -5,6 +5,8 @@ every dataset setting can be overridden on the command line:
     python train.py --dataset srcd                          # CPU-sized default, a few minutes
     python train.py --dataset srcd --n_embd=128 --device=cuda --max_iters=5000
     python train.py --out_dir=out/srcd --resume             # continue a run from its checkpoint
+    python train.py configs/text_tiny.py --max_iters=100    # a config file, then flags over it
+    torchrun --standalone --nproc_per_node=8 train.py configs/openwebtext_gpt2_small.py
     python train.py --help                                  # every setting, default and meaning
 
 Model settings are CramConfig's fields (cram.py), given the same way (--w_compute=0.2); a dataset's
@@ -12,6 +14,12 @@ settings carry its prefix (--srcd_len=2048). Each run writes into out_dir: log.t
 lines), metrics.jsonl (one JSON object per log or eval line), ckpt.pt (atomic; everything needed to
 resume exactly) and, at the end, summary.json and curves.png. main() knows no dataset by name:
 data.make builds the one --dataset names, and the dataset batches, scores, describes and plots itself.
+
+Under torchrun every process trains a DistributedDataParallel replica (nccl on GPUs, gloo on CPU);
+rank 0 alone logs, evaluates and checkpoints. The data: every rank draws the step's whole global
+batch (gradient_accumulation_steps micro-batches) from the one seeded stream and keeps its own
+share, so the ranks see different sequences, a run sees the same data as a one-process run with
+the same global batch, and a checkpoint holds one stream to resume from.
 """
 import ast
 import contextlib
@@ -43,7 +51,9 @@ resume = False           # continue from out_dir/ckpt.pt
 overwrite = False        # allow a fresh run to replace the checkpoint already in out_dir
 max_iters = 1500         # training steps
 stop_iter = -1           # stop early (with a checkpoint) at this step, to split a run; -1: never
-batch_size = 16          # sequences per step
+batch_size = 16          # sequences per micro-step and rank
+gradient_accumulation_steps = 1  # micro-steps per step, over all ranks (torchrun: divisible by their number)
+backend = "auto"         # torchrun's process group: auto is nccl on CUDA, gloo on CPU
 learning_rate = 3e-3     # peak learning rate of AdamW
 min_lr = 3e-4            # cosine decay from learning_rate to min_lr after a linear warm-up
 warmup_iters = 100       # steps of linear learning-rate warm-up
@@ -100,12 +110,33 @@ def usage():
     return "\n".join(lines)
 
 
+def config_file(path):
+    """A config file (nanoGPT's habit: `key = value` lines of Python, comments allowed) -> its
+    settings as --key=value arguments. Read with ast, never executed: values must be literals."""
+    try:
+        with open(path) as f:
+            tree = ast.parse(f.read(), path)
+    except (OSError, SyntaxError) as e:
+        raise ConfigError(f"config file {path}: {e}")
+    args = []
+    for node in tree.body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            raise ConfigError(f"config file {path}, line {node.lineno}: expected `key = value` lines only")
+        try:
+            value = ast.literal_eval(node.value)
+        except ValueError:
+            raise ConfigError(f"config file {path}, line {node.lineno}: the value must be a literal (a number, string, bool)")
+        args.append(f"--{node.targets[0].id}={value!r}" if isinstance(value, str) else f"--{node.targets[0].id}={value}")
+    return args
+
+
 def parse_args(argv):
-    """--key=value, --key value, or a bare --flag for a bool -> (run dict, model overrides dict),
-    or None for -h / --help. Values are Python literals (ast.literal_eval) or bare strings; each is
-    checked against its default's type."""
+    """Config files (path.py) and --key=value, --key value, or a bare --flag for a bool, later ones
+    winning -> (run dict, model overrides dict), or None for -h / --help. Values are Python
+    literals (ast.literal_eval) or bare strings; each is checked against its default's type."""
     if "-h" in argv or "--help" in argv:
         return None
+    argv = [a for arg in argv for a in (config_file(arg) if arg.endswith(".py") and not arg.startswith("--") else [arg])]
     run, model, i = dict(DEFAULTS), {}, 0
     while i < len(argv):
         arg = argv[i]
@@ -135,14 +166,40 @@ def parse_args(argv):
         if type(value) is not want:
             raise ConfigError(f"--{key}={text}: expected {want.__name__}, got {type(value).__name__}")
         (run if key in DEFAULTS else model)[key] = value
-    for key in ("max_iters", "batch_size", "log_interval", "eval_interval", "eval_batches", "ckpt_interval"):
+    for key in ("max_iters", "batch_size", "gradient_accumulation_steps", "log_interval", "eval_interval",
+                "eval_batches", "ckpt_interval"):
         if run[key] < 1:
             raise ConfigError(f"--{key}={run[key]}: expected a positive int")
     if run["stop_iter"] == 0 or run["stop_iter"] < -1:
         raise ConfigError(f"--stop_iter={run['stop_iter']}: expected -1 (never) or a positive step")
     if run["dtype"] not in DTYPES:
         raise ConfigError(f"--dtype={run['dtype']}: expected one of {DTYPES}")
+    if run["backend"] not in ("auto", "nccl", "gloo"):
+        raise ConfigError(f"--backend={run['backend']}: expected auto, nccl or gloo")
     return run, model
+
+
+def distributed(c):
+    """Under torchrun (RANK in the environment): join the process group -> (rank, local rank,
+    number of ranks); (0, 0, 1) otherwise."""
+    if "RANK" not in os.environ:
+        return 0, 0, 1
+    import torch.distributed as dist
+    cuda = torch.cuda.is_available() and c.device in ("auto", "cuda")
+    backend = c.backend if c.backend != "auto" else ("nccl" if cuda else "gloo")
+    if backend == "nccl" and not cuda:
+        raise ConfigError("--backend=nccl needs CUDA GPUs (and --device=auto or cuda); on CPU use --backend=gloo")
+    if not dist.is_available() or not getattr(dist, f"is_{backend}_available")():
+        raise ConfigError(f"--backend={backend} is not available in this torch build: try --backend="
+                          f"{'gloo' if backend == 'nccl' else 'nccl'}")
+    rank, local, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if c.gradient_accumulation_steps % world:
+        raise ConfigError(f"--gradient_accumulation_steps={c.gradient_accumulation_steps} is not divisible "
+                          f"by the {world} ranks: give a multiple of {world}")
+    if cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend)
+    return rank, local, world
 
 
 def pick_device(name):
@@ -273,18 +330,29 @@ def load_checkpoint(path):
     return ckpt
 
 
+def load_run(out_dir, device="cpu"):
+    """A run folder's checkpoint -> (run settings, its dataset, the model in eval mode): for plots,
+    sampling and probes of any finished or stopped run."""
+    ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+    run = {**DEFAULTS, **ckpt["run"]}
+    model = CRAM(CramConfig(**{**ckpt["model_args"], "attn_impl": "auto"}))
+    model.load_state_dict(ckpt["model"])
+    return run, data.make(run), model.to(device).eval()
+
+
+def eval_batch(task, run, i, device="cpu"):
+    """The run's i-th fixed eval batch (the held-out split where the dataset has one)."""
+    return task.batch(run["batch_size"], np.random.default_rng([run["seed"], 1, i]), device, split="val")
+
+
 def plot_run(out_dir, task=None, model=None, batch=None):
     """Write out_dir/curves.png from a run folder: its metrics.jsonl rows and, for the router's
     decisions, the model on the first eval batch. main() passes its task, model and batch; alone it
     rebuilds them from the checkpoint, for any finished or stopped run:
     python -c "import train; train.plot_run('out/srcd')"."""
     if model is None:
-        ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
-        run = {**DEFAULTS, **ckpt["run"]}
-        task = data.make(run)
-        model = CRAM(CramConfig(**{**ckpt["model_args"], "attn_impl": "auto"}))
-        model.load_state_dict(ckpt["model"])
-        batch = task.batch(run["batch_size"], np.random.default_rng([run["seed"], 1, 0]))  # eval batch 0
+        run, task, model = load_run(out_dir)
+        batch = eval_batch(task, run, 0)
     model.eval()
     with torch.no_grad():
         out = model(**{k: v[:1] for k, v in batch.items()})  # one sequence is all the plot shows
@@ -294,13 +362,41 @@ def plot_run(out_dir, task=None, model=None, batch=None):
 
 
 def main(argv):
+    """Parse, join torchrun's process group if there is one, train -> the summary (rank 0)."""
     parsed = parse_args(argv)
     if parsed is None:
         print(usage())
         return None
     run, model_over = parsed
+    rank, local, world = distributed(SimpleNamespace(**run))
+    try:
+        summary = train(run, model_over, rank, local, world)
+        if world > 1:  # leave together: gloo aborts a rank whose peer tears down mid-shutdown
+            torch.distributed.barrier()
+        return summary
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def rng_states(dev, world):
+    """Every rank's torch random state (the router's Gumbel noise and spot checks), gathered for
+    rank 0's checkpoint: [{torch, cuda}] per rank."""
+    mine = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if dev.startswith("cuda") else None)
+    if world == 1:
+        return [mine]
+    states = [None] * world
+    torch.distributed.all_gather_object(states, mine)
+    return states
+
+
+def train(run, model_over, rank=0, local=0, world=1):
+    """One training run (one rank of it under torchrun) -> the summary dict on rank 0, else None."""
     c = SimpleNamespace(**run)
+    master = rank == 0
     dev = pick_device(c.device)
+    if world > 1 and dev.startswith("cuda"):
+        dev = f"cuda:{local}"
     dtype, autocast = autocast_context(c.dtype, dev)
     if c.compile and not dev.startswith("cuda"):
         raise ConfigError(f"--compile: torch.compile is used on CUDA only; on {dev} drop --compile")
@@ -310,7 +406,8 @@ def main(argv):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
         os.makedirs(c.out_dir, exist_ok=True)
-        open(os.path.join(c.out_dir, "log.txt"), "a").close()
+        if master:
+            open(os.path.join(c.out_dir, "log.txt"), "a").close()
     except OSError as e:
         raise ConfigError(f"--out_dir={c.out_dir} is not a writable folder ({e.strerror})")
     ckpt_path = os.path.join(c.out_dir, "ckpt.pt")
@@ -335,30 +432,40 @@ def main(argv):
     torch.manual_seed(c.seed)
     raw_model = CRAM(mcfg).to(dev)  # the checkpoint holds its weights; model may be its compiled form
     model = torch.compile(raw_model) if c.compile else raw_model
+    ddp = model  # what the training step calls: under torchrun the replica that averages gradients
+    if world > 1:
+        torch.manual_seed(c.seed + rank)  # the same weights (DDP also broadcasts them), other noise
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[local] if dev.startswith("cuda") else None,
+            find_unused_parameters=True)  # router modes leave a tier unused (never: attention)
     opt = make_optimizer(raw_model, c)
     rng = np.random.default_rng(c.seed)
-    eval_set = [task.batch(c.batch_size, np.random.default_rng([c.seed, 1, i]), dev) for i in range(c.eval_batches)]
+    eval_set = [eval_batch(task, run, i, dev) for i in range(c.eval_batches)] if master else None
     step, peak, wall = 0, 0.0, 0.0
     if ckpt:
         raw_model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step, peak, wall = ckpt["step"], ckpt["attn_frac_peak"], ckpt["wall_seconds"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if ckpt["rng"]["cuda"] is not None and dev.startswith("cuda"):
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        saved = ckpt["rng"].get("ranks") or [dict(torch=ckpt["rng"]["torch"], cuda=ckpt["rng"]["cuda"])]
+        if rank < len(saved):
+            torch.set_rng_state(saved[rank]["torch"])
+            if saved[rank]["cuda"] is not None and dev.startswith("cuda"):
+                torch.cuda.set_rng_state_all(saved[rank]["cuda"])
         rng.bit_generator.state = ckpt["rng"]["numpy"]
-        if os.path.exists(metrics_path):  # drop what the interrupted run wrote after its checkpoint
+        if master and os.path.exists(metrics_path):  # drop what the interrupted run wrote after its checkpoint
             with open(metrics_path) as f:
                 rows = [json.loads(l) for l in f]
             with open(metrics_path, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows
                              if r["step"] < step or (r["kind"] == "train" and r["step"] == step))
-    else:  # a fresh run: nothing of a replaced run may stay beside it
+    elif master:  # a fresh run: nothing of a replaced run may stay beside it
         for name in ("metrics.jsonl", "log.txt", "summary.json", "curves.png"):
             if os.path.exists(os.path.join(c.out_dir, name)):
                 os.remove(os.path.join(c.out_dir, name))
 
     def say(line, record=None):
+        if not master:
+            return
         print(line, flush=True)
         with open(os.path.join(c.out_dir, "log.txt"), "a") as f:
             f.write(line + "\n")
@@ -371,11 +478,12 @@ def main(argv):
     say(task.describe())
 
     def checkpoint(at):
-        save_checkpoint(ckpt_path, dict(
-            model=raw_model.state_dict(), optimizer=opt.state_dict(), model_args=asdict(mcfg), run=run,
-            step=at, attn_frac_peak=peak, wall_seconds=wall + time.time() - t_start,
-            rng=dict(torch=torch.get_rng_state(), numpy=rng.bit_generator.state,
-                     cuda=torch.cuda.get_rng_state_all() if dev.startswith("cuda") else None)))
+        states = rng_states(dev, world)  # every rank takes part; rank 0 writes
+        if master:
+            save_checkpoint(ckpt_path, dict(
+                model=raw_model.state_dict(), optimizer=opt.state_dict(), model_args=asdict(mcfg), run=run,
+                step=at, attn_frac_peak=peak, wall_seconds=wall + time.time() - t_start,
+                rng=dict(numpy=rng.bit_generator.state, **states[0], ranks=states if world > 1 else None)))
 
     watch, ckpt_step = NonFinite(dev), step if ckpt else None
     free_router = ROUTER_MODES[mcfg.router_mode].attention == "router"
@@ -384,7 +492,7 @@ def main(argv):
     last = min(c.max_iters, c.stop_iter) if c.stop_iter >= 0 else c.max_iters
     while step < last:
         warm = step < c.attn_warmup and free_router
-        if step % c.eval_interval == 0:
+        if step % c.eval_interval == 0 and master:
             t0 = time.time()
             m = evaluate(model, task, eval_set, autocast, "always" if warm else None)
             if not warm:  # the peak counts only steps where the router was free
@@ -393,12 +501,19 @@ def main(argv):
             t_eval += time.time() - t0
         for group in opt.param_groups:
             group["lr"] = get_lr(c, step)
-        batch = task.batch(c.batch_size, rng, dev)
         tau = router_tau(mcfg, (step - c.attn_warmup) / max(1, c.max_iters - c.attn_warmup))
-        with autocast:
-            out = model(**batch, tau=tau, router_mode="always" if warm else None)
         opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
+        accum = c.gradient_accumulation_steps // world  # this rank's micro-steps
+        for micro in range(c.gradient_accumulation_steps):  # the global batch, drawn in one order
+            mine = micro // accum == rank
+            batch = task.batch(c.batch_size, rng, dev if mine else "cpu")
+            if not mine:
+                continue
+            if world > 1:  # average the gradients across ranks after the last micro-step only
+                ddp.require_backward_grad_sync = micro % accum == accum - 1
+            with autocast:
+                out = ddp(**batch, tau=tau, router_mode="always" if warm else None)
+            (out["loss"] / accum).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), c.grad_clip or math.inf)
         opt.step()
         step += 1  # from here on, `step` counts the updates made, as the log lines do
@@ -411,18 +526,26 @@ def main(argv):
             except TrainingError as e:
                 say(f"error: {e}")
                 raise
-        if logs:
+        if logs and master:
             m = to_host(measure(out, task, batch))  # the sync that makes the time below true
             ms = 1000 * (time.time() - t_log - t_eval) / (step - step_log)  # mean training step
-            tok_s = batch["tokens"].shape[0] * batch["tokens"].shape[1] / (ms / 1000)
+            tok_s = c.gradient_accumulation_steps * math.prod(batch["tokens"].shape[:2]) / (ms / 1000)
             say(log_line(step, m, task, ms, tok_s),
                 dict(kind="train", step=step, ms=ms, tok_s=tok_s, lr=get_lr(c, step - 1), **m))
             t_log, step_log, t_eval = time.time(), step, 0.0
         if saves:
             checkpoint(step)
             ckpt_step = step
+    if world > 1:  # what DDP promises, checked: every replica ends with the same weights
+        sums = [None] * world
+        torch.distributed.all_gather_object(sums, [p.double().sum().item() for p in raw_model.parameters()])
+        if any(s != sums[0] for s in sums):
+            raise TrainingError(f"step {step}: the ranks' weights differ; report this with the command that ran")
+        say(f"step {step}: the weights of all {world} ranks are identical")
     if step < c.max_iters:
         say(f"stopped at step {step} (stop_iter); continue with --resume")
+        return None
+    if not master:
         return None
 
     m = evaluate(model, task, eval_set, autocast)
