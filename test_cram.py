@@ -25,6 +25,7 @@ from hypothesis import given, settings, strategies as st
 
 import cram
 import data
+import probe
 import sample
 import theory
 import train
@@ -1100,6 +1101,58 @@ def test_sample_from_a_language_model_run(token_dir, tmp_path):
         sample.main([f"--out_dir={other}"])
 
 
+def test_probe_scores_a_linear_relation_and_noise():
+    rng = np.random.default_rng(0)
+    U, Ut = rng.standard_normal((2000, 8)), rng.standard_normal((500, 8))
+    W = rng.standard_normal((8, 6))
+    for noise, r2 in ((0.0, 1.0), (1.0, None)):
+        A, At = U @ W + noise * rng.standard_normal((2000, 6)), Ut @ W + noise * rng.standard_normal((500, 6))
+        s = probe.score(probe.fit_ridge(U, A, lam=1e-6), A.mean(0), Ut, At)
+        want = r2 if r2 is not None else (W ** 2).sum() / ((W ** 2).sum() + 6 * noise ** 2)  # explained share
+        assert abs(s["r2"] - want) < 0.03 and s["tokens"] == 500, (s, want)
+    s = probe.score(probe.fit_ridge(U, rng.standard_normal((2000, 6))), np.zeros(6), Ut, rng.standard_normal((500, 6)))
+    assert s["r2"] < 0.02 and s["share"] < 0.01  # nothing to predict
+
+
+def test_probe_reads_each_layers_attention(tmp_path):
+    """Attention over a window of 1 returns W_o W_v u_t: a linear map of its input, so the probe
+    must explain all of it, in every layer; with the full window it explains less."""
+    torch.manual_seed(0)
+    ids = [torch.randint(0, 50, (4, 24)) for _ in range(6)]
+    scores = {}
+    for window in (1, 24):
+        model = CRAM(CramConfig(vocab_size=50, n_embd=16, n_head=2, n_layer=3, window=window, router_mode="always",
+                                wm_kind="none", n_positions=24)).eval()
+        scores[window] = probe.probe(model, ids[:4], ids[4:])
+        assert len(scores[window]) == 3 and all(s["tokens"] == 2 * 4 * 24 for s in scores[window])
+    assert all(s["r2"] > 0.999 and s["share"] == 1.0 for s in scores[1])
+    assert all(s["r2"] < 0.99 for s in scores[24])
+    routed = CRAM(CramConfig(vocab_size=50, n_embd=16, n_head=2, attn_prior=0.34)).eval()  # E about a third
+    x = torch.randint(0, 50, (2, 40))
+    z = routed(x)["routing"]["z"]
+    for (U, A), z_layer in zip(probe.collect(routed, [x]), z):  # only the tokens routed to attention
+        assert len(A) == int(z_layer[..., cram.E].sum()) and np.all(np.linalg.norm(A, axis=1) > 0)
+    assert 0 < z[..., cram.E].mean() < 1
+
+
+def test_probe_across_kept_checkpoints(token_dir, tmp_path):
+    train.main(TOKEN_RUN + [f"--data_dir={token_dir}", f"--out_dir={tmp_path}", "--max_iters=4", "--ckpt_interval=2",
+                            "--keep_checkpoints", "--router_mode=always", "--wm_kind=none", "--n_positions=32"])
+    rows = probe.main([f"--out_dir={tmp_path}", "--batches=4"])
+    assert [label for label, _ in rows] == ["step 2", "step 4"] and all(len(layers) == 2 for _, layers in rows)
+    train.main(TOKEN_RUN + [f"--data_dir={token_dir}", f"--out_dir={tmp_path}", "--max_iters=2", "--overwrite"])
+    assert probe.checkpoints(str(tmp_path)) == [str(tmp_path / "ckpt.pt")]  # a fresh run drops the old ones
+
+
+def test_probe_on_a_transformers_gpt2():
+    transformers = pytest.importorskip("transformers")  # optional: user machines with pretrained weights
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=60,
+                                                                 n_positions=32)).eval()
+    ids = [torch.randint(0, 60, (4, 16)) for _ in range(6)]
+    layers = probe.probe(model, ids[:4], ids[4:])
+    assert len(layers) == 2 and all(s["tokens"] == 2 * 4 * 16 and -1 < s["r2"] <= 1 for s in layers)
+
+
 # ---- kernel.py (Triton, under the interpreter) ---------------------------------------------------
 #
 # Compared with its twin cram.routed_attention and with dense causal-windowed SDPA restricted to
@@ -1544,7 +1597,7 @@ def test_theory_zipf_fitted_gamma(s, k, seed):
 
 
 @pytest.mark.parametrize("notebook", ["01_lower_bound.py", "02_consolidation.py", "03_srcd_curves.py",
-                                      "04_srcd_ablations.py"])
+                                      "04_srcd_ablations.py", "05_gpt2_redundancy.py"])
 def test_theory_notebook_runs(notebook):
     env = dict(os.environ, CRAM_NB_SMALL="1", MPLBACKEND="Agg")
     path = os.path.join(ROOT, "notebooks", notebook)

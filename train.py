@@ -23,11 +23,13 @@ the same global batch, and a checkpoint holds one stream to resume from.
 """
 import ast
 import contextlib
+import glob
 import inspect
 import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from dataclasses import asdict, fields
@@ -63,6 +65,7 @@ log_interval = 50        # steps between log lines (the only steps that read val
 eval_interval = 250      # steps between evaluations on the fixed eval batches
 eval_batches = 4         # eval sequences = eval_batches * batch_size, the same every eval
 ckpt_interval = 500      # steps between checkpoints
+keep_checkpoints = False # also keep each checkpoint as ckpt_<step>.pt (probe.py reads them all)
 attn_warmup = 0          # steps of attention forced on every token before the router is free:
                          # the default router needs none (cram.py: attn_prior, penalty_q); kept for
                          # the flat penalty (--penalty_q=False), run with 500 in DESIGN.md sec. 5
@@ -330,10 +333,10 @@ def load_checkpoint(path):
     return ckpt
 
 
-def load_run(out_dir, device="cpu"):
-    """A run folder's checkpoint -> (run settings, its dataset, the model in eval mode): for plots,
-    sampling and probes of any finished or stopped run."""
-    ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+def load_run(out_dir, device="cpu", path=None):
+    """A run folder's checkpoint (path: another one than out_dir/ckpt.pt) -> (run settings, its
+    dataset, the model in eval mode): for plots, sampling and probes of any finished or stopped run."""
+    ckpt = load_checkpoint(path or os.path.join(out_dir, "ckpt.pt"))
     run = {**DEFAULTS, **ckpt["run"]}
     model = CRAM(CramConfig(**{**ckpt["model_args"], "attn_impl": "auto"}))
     model.load_state_dict(ckpt["model"])
@@ -459,9 +462,10 @@ def train(run, model_over, rank=0, local=0, world=1):
                 f.writelines(json.dumps(r) + "\n" for r in rows
                              if r["step"] < step or (r["kind"] == "train" and r["step"] == step))
     elif master:  # a fresh run: nothing of a replaced run may stay beside it
-        for name in ("metrics.jsonl", "log.txt", "summary.json", "curves.png"):
-            if os.path.exists(os.path.join(c.out_dir, name)):
-                os.remove(os.path.join(c.out_dir, name))
+        names = ["metrics.jsonl", "log.txt", "summary.json", "curves.png"]
+        for path in [os.path.join(c.out_dir, n) for n in names] + glob.glob(os.path.join(c.out_dir, "ckpt_*.pt")):
+            if os.path.exists(path):
+                os.remove(path)
 
     def say(line, record=None):
         if not master:
@@ -484,6 +488,8 @@ def train(run, model_over, rank=0, local=0, world=1):
                 model=raw_model.state_dict(), optimizer=opt.state_dict(), model_args=asdict(mcfg), run=run,
                 step=at, attn_frac_peak=peak, wall_seconds=wall + time.time() - t_start,
                 rng=dict(numpy=rng.bit_generator.state, **states[0], ranks=states if world > 1 else None)))
+            if c.keep_checkpoints:
+                shutil.copyfile(ckpt_path, os.path.join(c.out_dir, f"ckpt_{at}.pt"))
 
     watch, ckpt_step = NonFinite(dev), step if ckpt else None
     free_router = ROUTER_MODES[mcfg.router_mode].attention == "router"
