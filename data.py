@@ -292,10 +292,8 @@ class MQAR:
 
     def plot(self, rows, out, batch, path):
         """curves.png: accuracy and the attention share of queries and other tokens against step."""
-        from matplotlib.figure import Figure
         col = lambda kind, k: column(rows, kind, k)
-        fig = Figure(figsize=(11, 4))
-        ax0, ax1 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+        fig, ax0, ax1 = two_panels()
         for name, color in (("query", "C3"), ("other", "C7")):
             ax0.plot(col("train", "step"), col("train", f"attn_{name}"), "-", color=color, label=f"attention, {name}")
             ax0.plot(col("eval", "step"), col("eval", f"attn_{name}"), "o", color=color)
@@ -303,10 +301,7 @@ class MQAR:
         ax1.plot(col("eval", "step"), col("eval", "acc"), "o", label="eval set")
         ax0.set(xlabel="step", ylabel="share on attention", ylim=(-0.03, 1.03), title="routing")
         ax1.set(xlabel="step", ylabel="accuracy at query positions", ylim=(-0.03, 1.03), title="MQAR accuracy")
-        ax0.legend(fontsize=8)
-        ax1.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        save_panels(fig, path)
 
     def summary(self, m):
         return dict(accuracy=m.get("acc"), attn_floor=self.floor, attn_query=m.get("attn_query"),
@@ -382,10 +377,8 @@ class TokenFile:
 
     def plot(self, rows, out, batch, path):
         """curves.png: training and validation loss, and the attention share per layer, against step."""
-        from matplotlib.figure import Figure
         col = lambda kind, k: column(rows, kind, k)
-        fig = Figure(figsize=(11, 4))
-        ax0, ax1 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+        fig, ax0, ax1 = two_panels()
         ax0.plot(col("train", "step"), col("train", "ce"), "-", label="train (one batch)")
         ax0.plot(col("eval", "step"), col("eval", "ce"), "o-", label="val")
         for i, layer in enumerate(self.layers(rows[-1])):
@@ -393,10 +386,7 @@ class TokenFile:
             ax1.plot(col("eval", "step"), col("eval", layer + "_episodic"), "o", color=f"C{i}")
         ax0.set(xlabel="step", ylabel="cross-entropy (nats per token)", title="language modelling loss")
         ax1.set(xlabel="step", ylabel="share of tokens on attention", ylim=(-0.03, 1.03), title="routing per layer")
-        ax0.legend(fontsize=8)
-        ax1.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        save_panels(fig, path)
 
     def summary(self, m):
         return dict(val_loss=m.get("ce"), val_acc=m.get("acc"),
@@ -510,6 +500,21 @@ def prepare(source, out_dir, encoding="gpt2", val_fraction=None, seed=2357):
     with open(os.path.join(out_dir, "meta.json"), "w") as fh:
         json.dump(meta, fh, indent=1)
     return meta
+
+
+def two_panels():
+    """A figure of two side-by-side plots, made without pyplot (nothing global, any backend)."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(11, 4))
+    return fig, fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+
+
+def save_panels(fig, path):
+    for ax in fig.axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def column(rows, kind, key):
