@@ -23,6 +23,7 @@ Token files for language modelling are made once by the preparation command (nan
 """
 import argparse
 import glob
+import importlib
 import json
 import os
 import sys
@@ -335,7 +336,7 @@ class TokenFile:
         self.vocab_size = -(-self.meta["vocab_size"] // 64) * 64
         for split in ("train", "val"):
             n = self.tokens(split).shape[0]
-            if n < self.len + 2:
+            if n < self.len + 1:
                 raise ConfigError(f"{self.path(split)} holds {n} tokens, fewer than one sequence of "
                                   f"--{self.prefix}len={self.len} + 1: prepare more text or lower --{self.prefix}len")
 
@@ -369,7 +370,8 @@ class TokenFile:
     @staticmethod
     def layers(m):
         """The layers named in routing_stats' keys (L0_episodic: layer 0's share on attention)."""
-        return sorted(k.split("_")[0] for k in m if k.startswith("L") and k.endswith("_episodic"))
+        return sorted((k.split("_")[0] for k in m if k.startswith("L") and k.endswith("_episodic")),
+                      key=lambda layer: int(layer[1:]))
 
     def line(self, m):
         attn = " ".join(f"{layer} {100 * m[layer + '_episodic']:.1f}%" for layer in self.layers(m))
@@ -399,10 +401,18 @@ def byte_encoding():
     """A tokenizer that needs nothing downloaded: one token per UTF-8 byte, end-of-text 256; a
     tiktoken Encoding (GPT-2's pre-tokenizer pattern, no merges). For character-level corpora and
     the tests; GPT-2's BPE ("gpt2") is the default."""
-    import tiktoken
+    tiktoken = need("tiktoken")
     pattern = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
     return tiktoken.Encoding(name="bytes", pat_str=pattern, mergeable_ranks={bytes([i]): i for i in range(256)},
                              special_tokens={"<|endoftext|>": 256})
+
+
+def need(module):
+    """An installed module by name, or one line that says how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(f"{module} is not installed: pip install -r requirements.txt")
 
 
 def get_encoding(name):
@@ -410,11 +420,11 @@ def get_encoding(name):
     downloads on first use and keeps in TIKTOKEN_CACHE_DIR."""
     if name == "bytes":
         return byte_encoding()
+    tiktoken = need("tiktoken")
+    if name not in tiktoken.list_encoding_names():
+        raise ConfigError(f"--encoding={name}: expected bytes or one of tiktoken's {tiktoken.list_encoding_names()}")
     try:
-        import tiktoken
         return tiktoken.get_encoding(name)
-    except ImportError:
-        raise ConfigError("tiktoken is not installed: pip install -r requirements.txt")
     except Exception as e:
         raise ConfigError(f"the {name} tokenizer tables could not be loaded ({type(e).__name__}): tiktoken downloads "
                           "them once; run once with internet, or set TIKTOKEN_CACHE_DIR to a folder that holds them")
@@ -422,7 +432,7 @@ def get_encoding(name):
 
 def read_documents(source):
     """source -> (iterable of document strings, their number, the default val split). "openwebtext"
-    streams OpenWebText through the datasets library: its parquet export, since datasets 4 no
+    reads OpenWebText through the datasets library (a download of some 40 GB, cached): its parquet export, since datasets 4 no
     longer runs the original loading script (`load_dataset("openwebtext")` fails). "pydoc" is a
     small real corpus every Python ships: pydoc's 79 help topics (English about Python, 0.46 MB).
     Anything else is a glob of text files, one document each."""
@@ -452,8 +462,7 @@ def prepare(source, out_dir, encoding="gpt2", val_fraction=None, seed=2357):
     encoded in batches and appended as they come, so OpenWebText never sits in memory. The
     validation split: a share val_fraction of the documents drawn with `seed` (OpenWebText's
     default 0.0005, nanoGPT's); with local files, whose documents are few, the last val_fraction
-    of the tokens (default 0.1), as nanoGPT's Shakespeare."""
-    from tqdm import tqdm
+    of the tokens (default 0.1), as nanoGPT's Shakespeare. Files appear only when complete."""
     enc = get_encoding(encoding)
     if enc.n_vocab > 2 ** 16:
         raise ConfigError(f"--encoding={encoding}: {enc.n_vocab} tokens do not fit in uint16")
@@ -463,43 +472,52 @@ def prepare(source, out_dir, encoding="gpt2", val_fraction=None, seed=2357):
         raise ConfigError(f"--val_fraction={val_fraction}: expected in (0, 1)")
     by_document = source == "openwebtext"
     os.makedirs(out_dir, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    files = {split: open(os.path.join(out_dir, f"{split}.bin.tmp"), "wb") for split in ("train", "val")}
-    counts = dict(train=0, val=0)
-
-    def write(split, ids):
-        files[split].write(np.asarray(ids, np.uint16).tobytes())
-        counts[split] += len(ids)
-
-    def encode(batch):
-        for ids in enc.encode_ordinary_batch(batch, num_threads=os.cpu_count() or 1):
-            write("val" if by_document and rng.random() < val_fraction else "train", ids + [enc.eot_token])
-        bar.update(len(batch))
-        batch.clear()
-
-    batch = []
-    with tqdm(total=n_docs, unit="doc", desc=f"tokenizing {source}") as bar:
-        for doc in docs:
-            batch.append(doc)
-            if len(batch) == 1024:
-                encode(batch)
-        encode(batch)
-    for fh in files.values():
-        fh.close()
-    tmp = {split: os.path.join(out_dir, f"{split}.bin.tmp") for split in files}
-    if not by_document:  # move the last val_fraction of the tokens into val
-        ids = np.fromfile(tmp["train"], np.uint16)
-        cut = len(ids) - max(1, int(val_fraction * len(ids)))
-        ids[:cut].tofile(tmp["train"])
-        ids[cut:].tofile(tmp["val"])
-        counts = dict(train=cut, val=len(ids) - cut)
-    for split, path in tmp.items():
-        os.replace(path, os.path.join(out_dir, f"{split}.bin"))
+    tmp = {split: os.path.join(out_dir, f"{split}.bin.tmp") for split in ("train", "val")}
+    try:
+        counts = write_tokens(docs, n_docs, enc, tmp, val_fraction if by_document else 0.0, seed, source)
+        if not by_document:  # move the last val_fraction of the tokens into val
+            ids = np.fromfile(tmp["train"], np.uint16)
+            cut = len(ids) - max(1, int(val_fraction * len(ids)))
+            ids[:cut].tofile(tmp["train"])
+            ids[cut:].tofile(tmp["val"])
+            counts = dict(train=cut, val=len(ids) - cut)
+        for split, path in tmp.items():
+            os.replace(path, os.path.join(out_dir, f"{split}.bin"))
+    finally:  # an interrupted preparation leaves no half-written files behind
+        for path in tmp.values():
+            if os.path.exists(path):
+                os.remove(path)
     meta = dict(source=source, encoding=encoding, vocab_size=enc.n_vocab, eot=enc.eot_token, dtype="uint16",
                 documents=n_docs, train_tokens=counts["train"], val_tokens=counts["val"])
     with open(os.path.join(out_dir, "meta.json"), "w") as fh:
         json.dump(meta, fh, indent=1)
     return meta
+
+
+def write_tokens(docs, n_docs, enc, paths, val_share, seed, source):
+    """Encode docs in batches of 1024 (tiktoken's threads) and append each, closed by end-of-text,
+    to paths["val"] with probability val_share (drawn with seed), else to paths["train"];
+    a progress bar over documents -> the token count of each file."""
+    tqdm = need("tqdm").tqdm
+    rng = np.random.default_rng(seed)
+    counts = dict(train=0, val=0)
+    with open(paths["train"], "wb") as train, open(paths["val"], "wb") as val, \
+            tqdm(total=n_docs, unit="doc", desc=f"tokenizing {source}") as bar:
+        def encode(batch):
+            for ids in enc.encode_ordinary_batch(batch, num_threads=os.cpu_count() or 1):
+                split = "val" if rng.random() < val_share else "train"
+                (val if split == "val" else train).write(np.asarray(ids + [enc.eot_token], np.uint16).tobytes())
+                counts[split] += len(ids) + 1
+            bar.update(len(batch))
+            batch.clear()
+
+        batch = []
+        for doc in docs:
+            batch.append(doc)
+            if len(batch) == 1024:
+                encode(batch)
+        encode(batch)
+    return counts
 
 
 def two_panels():
@@ -556,7 +574,8 @@ def main(argv):
     ap = argparse.ArgumentParser(prog="python data.py prepare", description=prepare.__doc__.split(";")[0])
     ap.add_argument("command", choices=["prepare"])
     ap.add_argument("--source", required=True, help="openwebtext, pydoc, or a glob of text files ('texts/*.txt')")
-    ap.add_argument("--out_dir", help="where train.bin, val.bin, meta.json go (default data/<source name>)")
+    ap.add_argument("--out_dir", help="where train.bin, val.bin, meta.json go (default data/openwebtext, "
+                                      "data/pydoc, or data/text for files)")
     ap.add_argument("--encoding", default="gpt2", help="gpt2 (GPT-2's BPE, tiktoken) or bytes (one token per byte)")
     ap.add_argument("--val_fraction", type=float, help="validation share (default: 0.0005 of OpenWebText's "
                                                        "documents, 0.1 of local text's tokens)")

@@ -48,10 +48,11 @@ def attention_modules(model):
 
 
 @torch.no_grad()
-def collect(model, batches):
-    """Run the model over batches of token ids (B, T) -> per layer (U, A): the attention input and
-    output of every token that ran attention, as (N, d) float64 arrays."""
-    pairs = [([], []) for _ in attention_modules(model)]
+def layer_io(model, batches):
+    """Run the model over batches of token ids (B, T), yielding per batch a list over layers of
+    (U, A): the attention input and output of every token that ran attention, (N, d) float64
+    arrays. One batch at a time, so that a probe of GPT-2 keeps sums, not every token's vectors."""
+    grabbed = [None] * len(attention_modules(model))
 
     def hook(i):
         def grab(module, args, kwargs, out):
@@ -59,45 +60,64 @@ def collect(model, batches):
             a = out[0] if isinstance(out, tuple) else out
             ours = isinstance(module, EpisodicMemory)  # ours runs only the routed tokens
             ran = args[1] if ours else torch.ones(u.shape[:2], dtype=torch.bool, device=u.device)
-            pairs[i][0].append(u[ran].double().cpu())
-            pairs[i][1].append(a[ran].double().cpu())
+            grabbed[i] = (u[ran].double().cpu().numpy(), a[ran].double().cpu().numpy())
         return grab
 
     handles = [m.register_forward_hook(hook(i), with_kwargs=True) for i, m in enumerate(attention_modules(model))]
     try:
         for ids in batches:
             model(ids)
+            yield list(grabbed)
     finally:
         for h in handles:
             h.remove()
-    return [(torch.cat(us).numpy(), torch.cat(as_).numpy()) for us, as_ in pairs]
 
 
-def fit_ridge(U, A, lam=1e-3):
-    """The linear probe a ~ [u, 1] W, W = (X'X + lam N I)^-1 X'A: ridge, lam relative to the token
-    count N so that it means the same at any N (it only keeps the solve well-posed)."""
-    X = np.hstack([U, np.ones((len(U), 1))])
-    return np.linalg.solve(X.T @ X + lam * len(X) * np.eye(X.shape[1]), X.T @ A)
+def with_bias(U):
+    return np.hstack([U, np.ones((len(U), 1))])
 
 
-def score(W, m, U, A, threshold=0.9):
-    """R^2 and the share of tokens with cos(prediction - m, output - m) >= threshold, on (U, A)."""
-    P = np.hstack([U, np.ones((len(U), 1))]) @ W
-    r2 = 1 - ((A - P) ** 2).sum() / ((A - A.mean(0)) ** 2).sum()
-    P, A = P - m, A - m
-    cos = (P * A).sum(1) / (np.linalg.norm(P, axis=1) * np.linalg.norm(A, axis=1) + 1e-12)
-    return dict(r2=float(r2), share=float((cos >= threshold).mean()), tokens=len(U))
+def fit(model, batches, lam=1e-3):
+    """Per layer the ridge probe a ~ [u, 1] W, W = (X'X + lam N I)^-1 X'A, from sums over the
+    batches' tokens (lam relative to the token count N: it only keeps the solve well-posed), and
+    the mean output m -> [(W, m)]."""
+    sums = None
+    for layers in layer_io(model, batches):
+        step = [(with_bias(U).T @ with_bias(U), with_bias(U).T @ A, A.sum(0), len(A)) for U, A in layers]
+        sums = step if sums is None else [tuple(x + y for x, y in zip(s, t)) for s, t in zip(sums, step)]
+    out = []
+    for i, (xx, xa, a_sum, n) in enumerate(sums):
+        if n <= xx.shape[0]:
+            raise ConfigError(f"layer {i}: {n} tokens ran attention, too few for a {xx.shape[0] - 1}-wide probe: "
+                              "give more --batches (or a model that routes tokens to attention)")
+        out.append((np.linalg.solve(xx + lam * n * np.eye(len(xx)), xa), a_sum / n))
+    return out
+
+
+def score(probes, model, batches, threshold=0.9):
+    """Per layer on the batches' tokens: R^2 of the probe, and the share of tokens with
+    cos(prediction - m, output - m) >= threshold -> [dict(r2, share, tokens)]."""
+    sums = [dict(sse=0.0, a2=0.0, a=0.0, hit=0, n=0) for _ in probes]
+    for layers in layer_io(model, batches):
+        for (U, A), (W, m), t in zip(layers, probes, sums):
+            P = with_bias(U) @ W
+            cos = ((P - m) * (A - m)).sum(1) / (np.linalg.norm(P - m, axis=1) * np.linalg.norm(A - m, axis=1) + 1e-12)
+            t["sse"] += ((A - P) ** 2).sum()
+            t["a2"] += (A ** 2).sum()
+            t["a"] = t["a"] + A.sum(0)
+            t["hit"] += int((cos >= threshold).sum())
+            t["n"] += len(A)
+    out = []
+    for t in sums:
+        n = max(t["n"], 1)
+        total = t["a2"] - (np.asarray(t["a"]) ** 2).sum() / n  # sum of ||a - mean(a)||^2
+        out.append(dict(r2=float(1 - t["sse"] / total) if t["n"] else float("nan"), share=t["hit"] / n, tokens=t["n"]))
+    return out
 
 
 def probe(model, fit_batches, test_batches, threshold=0.9, lam=1e-3):
     """Per layer: the probe fitted on fit_batches' tokens, scored on test_batches' -> [dict]."""
-    fit, test = collect(model, fit_batches), collect(model, test_batches)
-    out = []
-    for (U, A), (Ut, At) in zip(fit, test):
-        if len(U) <= U.shape[1] or not len(Ut):
-            raise ConfigError(f"{len(U)} fitting tokens for a {U.shape[1]}-wide probe: give more --batches")
-        out.append(score(fit_ridge(U, A, lam), A.mean(0), Ut, At, threshold))
-    return out
+    return score(fit(model, fit_batches, lam), model, test_batches, threshold)
 
 
 def token_batches(task, n, batch_size, seed, split):
@@ -116,10 +136,9 @@ def probe_run(out_dir, batches=8, threshold=0.9):
     fitted on training windows and scored on validation windows."""
     results = []
     for path in checkpoints(out_dir):
-        run, task, model = train.load_run(out_dir, path=path)
+        run, task, model, step = train.load_run(out_dir, path=path)
         if not isinstance(task, data.TokenFile):
             raise ConfigError(f"{out_dir} trained on {run['dataset']}: the probe needs a language-model run")
-        step = torch.load(path, map_location="cpu", weights_only=False)["step"]
         fit = token_batches(task, batches, run["batch_size"], 0, "train")
         test = token_batches(task, max(1, batches // 2), run["batch_size"], 1, "val")
         results.append((step, probe(model, fit, test, threshold)))
@@ -158,6 +177,8 @@ def main(argv):
     ap.add_argument("--batches", type=int, default=8, help="fitting batches (half as many held out)")
     ap.add_argument("--threshold", type=float, default=0.9, help="cosine at which a token counts as predicted")
     a = ap.parse_args(argv)
+    if a.batches < 1 or not 0 < a.threshold <= 1:
+        raise ConfigError("--batches must be >= 1 and --threshold in (0, 1]")
     if bool(a.out_dir) == bool(a.gpt2):
         raise ConfigError("give one of --out_dir (our run) or --gpt2 (pretrained GPT-2)")
     if a.out_dir:

@@ -18,11 +18,12 @@ from cram import ConfigError
 
 
 @torch.no_grad()
-def generate(model, ids, max_new_tokens, context, temperature=1.0, top_k=0, generator=None):
+def generate(model, ids, max_new_tokens, context, n_vocab, temperature=1.0, top_k=0, generator=None):
     """ids (B, T) -> (B, T + max_new_tokens): each step samples the next token from the model's
-    last distribution divided by temperature (0: greedy), restricted to the top_k ids when top_k > 0."""
+    last distribution divided by temperature (0: greedy), restricted to the top_k ids when top_k > 0
+    and always to the n_vocab real ones (the embedding's rounded-up rows were never targets)."""
     for _ in range(max_new_tokens):
-        logits = model(ids[:, -context:])["logits"][:, -1].float()
+        logits = model(ids[:, -context:])["logits"][:, -1, :n_vocab].float()
         if temperature == 0:
             nxt = logits.argmax(-1, keepdim=True)
         else:
@@ -49,7 +50,7 @@ def main(argv):
     if a.temperature < 0 or a.top_k < 0 or a.num_samples < 1 or a.max_new_tokens < 0:
         raise ConfigError("--temperature and --top_k must be >= 0, --num_samples >= 1, --max_new_tokens >= 0")
     dev = train.pick_device(a.device)
-    run, task, model = train.load_run(a.out_dir, dev)
+    run, task, model, _ = train.load_run(a.out_dir, dev)
     if not isinstance(task, data.TokenFile):
         raise ConfigError(f"{a.out_dir} trained on {run['dataset']}: sampling needs a language-model run "
                           "(train.py --dataset=openwebtext)")
@@ -57,12 +58,10 @@ def main(argv):
     prompt = enc.encode(a.start, allowed_special={"<|endoftext|>"}) or [enc.eot_token]
     gen = torch.Generator(dev).manual_seed(a.seed)
     ids = torch.tensor([prompt] * a.num_samples, device=dev)
-    out = generate(model, ids, a.max_new_tokens, task.len, a.temperature, a.top_k, gen)
-    texts = []
-    for row in out.tolist():
-        # the model may emit the ids the embedding rounds the vocabulary up with: never a target, shown as nothing
-        texts.append(enc.decode([t for t in row if t < enc.n_vocab]))
-        print(texts[-1] + "\n---------------")
+    out = generate(model, ids, a.max_new_tokens, task.len, enc.n_vocab, a.temperature, a.top_k, gen)
+    texts = [enc.decode(row) for row in out.tolist()]
+    for text in texts:
+        print(text + "\n---------------")
     return texts
 
 

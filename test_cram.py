@@ -993,6 +993,8 @@ def test_preparation_errors_are_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
     with pytest.raises(ConfigError, match="TIKTOKEN_CACHE_DIR"):
         data.get_encoding("gpt2")
+    with pytest.raises(ConfigError, match="expected bytes or one of"):
+        data.get_encoding("gpt3")
     with pytest.raises(ConfigError, match="python data.py prepare"):
         train.main(TOKEN_RUN + [f"--data_dir={tmp_path / 'missing'}", f"--out_dir={tmp_path / 'run'}"])
 
@@ -1007,8 +1009,10 @@ def test_token_batches_read_their_split(tmp_path):
     val = task.batch(5, np.random.default_rng(0), split="val")
     assert torch.equal(val["targets"], val["tokens"] + 1)  # the next token, from val.bin
     assert not (train.eval_batch(task, dict(batch_size=4, seed=0), 0)["tokens"] == 7).any()  # train.py's eval set
+    last = data.TokenFile(dir=str(tmp_path), len=499)  # 500 tokens: exactly one window of 499 + 1
+    assert last.batch(2, np.random.default_rng(0), split="val")["targets"][0, -1] == 499
     with pytest.raises(ConfigError, match="fewer than one sequence"):
-        data.TokenFile(dir=str(tmp_path), len=600)
+        data.TokenFile(dir=str(tmp_path), len=500)
 
 
 def test_language_model_trains_on_token_files(token_dir, tmp_path):
@@ -1025,6 +1029,7 @@ def test_config_file_then_flags(tmp_path):
     cfg.write_text("# a config\nbatch_size = 3\nn_embd = 24  # width\nwm_kind = 'none'\n")
     run, model = train.parse_args([str(cfg), "--batch_size=5"])
     assert run["batch_size"] == 5 and model == dict(n_embd=24, wm_kind="none")
+    assert train.parse_args(["--out_dir", "runs.py"])[0]["out_dir"] == "runs.py"  # a value, not a config file
     cfg.write_text("import os\n")
     with pytest.raises(ConfigError, match="key = value"):
         train.parse_args([str(cfg)])
@@ -1090,28 +1095,49 @@ def test_sample_from_a_language_model_run(token_dir, tmp_path):
     texts = sample.main(args)
     assert texts == sample.main(args) and all(t.startswith("the cat") for t in texts)  # the seed decides
     greedy = sample.main(args + ["--temperature=0"])
-    _, task, model = train.load_run(str(tmp_path))
+    _, task, model, _ = train.load_run(str(tmp_path))
     ids = torch.tensor([list(b"the cat")])
     for _ in range(12):  # greedy decoding by hand
-        ids = torch.cat([ids, model(ids)["logits"][:, -1].argmax(-1, keepdim=True)], 1)
-    assert greedy[0] == data.byte_encoding().decode([t for t in ids[0].tolist() if t < 257])
+        ids = torch.cat([ids, model(ids)["logits"][:, -1, :257].argmax(-1, keepdim=True)], 1)  # 257 real ids
+    assert greedy[0] == data.byte_encoding().decode(ids[0].tolist())
     with pytest.raises(ConfigError, match="language-model run"):
         other = tmp_path / "srcd"
         train.main(TINY_RUN + [f"--out_dir={other}", "--max_iters=2"])
         sample.main([f"--out_dir={other}"])
 
 
+class FakeAttention(torch.nn.Module):
+    """An "attention" whose output is u W plus noise: what a probe should and should not explain."""
+
+    def __init__(self, W, noise):
+        super().__init__()
+        self.W, self.noise = W, noise
+
+    def forward(self, u):
+        return u @ self.W + self.noise * torch.randn(*u.shape[:-1], self.W.shape[1], dtype=u.dtype)
+
+
+class FakeModel(torch.nn.Module):
+    def __init__(self, W, noise):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([torch.nn.Module()])
+        self.blocks[0].episodic = FakeAttention(W, noise)
+
+    def forward(self, u):
+        return self.blocks[0].episodic(u)
+
+
 def test_probe_scores_a_linear_relation_and_noise():
-    rng = np.random.default_rng(0)
-    U, Ut = rng.standard_normal((2000, 8)), rng.standard_normal((500, 8))
-    W = rng.standard_normal((8, 6))
-    for noise, r2 in ((0.0, 1.0), (1.0, None)):
-        A, At = U @ W + noise * rng.standard_normal((2000, 6)), Ut @ W + noise * rng.standard_normal((500, 6))
-        s = probe.score(probe.fit_ridge(U, A, lam=1e-6), A.mean(0), Ut, At)
-        want = r2 if r2 is not None else (W ** 2).sum() / ((W ** 2).sum() + 6 * noise ** 2)  # explained share
+    torch.manual_seed(0)
+    W = torch.randn(8, 6, dtype=torch.float64)
+    fit_set, test_set = [torch.randn(4, 100, 8, dtype=torch.float64) for _ in range(5)], [torch.randn(5, 100, 8, dtype=torch.float64)]
+    for noise in (0.0, 1.0):
+        (s,) = probe.probe(FakeModel(W, noise), fit_set, test_set)
+        want = float((W ** 2).sum() / ((W ** 2).sum() + 6 * noise ** 2))  # the explained share of the variance
         assert abs(s["r2"] - want) < 0.03 and s["tokens"] == 500, (s, want)
-    s = probe.score(probe.fit_ridge(U, rng.standard_normal((2000, 6))), np.zeros(6), Ut, rng.standard_normal((500, 6)))
-    assert s["r2"] < 0.02 and s["share"] < 0.01  # nothing to predict
+        assert s["share"] == 1.0 if noise == 0 else s["share"] < 0.9
+    (s,) = probe.probe(FakeModel(0 * W, 1.0), fit_set, test_set)
+    assert abs(s["r2"]) < 0.03 and s["share"] < 0.01  # nothing to predict
 
 
 def test_probe_reads_each_layers_attention(tmp_path):
@@ -1130,7 +1156,7 @@ def test_probe_reads_each_layers_attention(tmp_path):
     routed = CRAM(CramConfig(vocab_size=50, n_embd=16, n_head=2, attn_prior=0.34)).eval()  # E about a third
     x = torch.randint(0, 50, (2, 40))
     z = routed(x)["routing"]["z"]
-    for (U, A), z_layer in zip(probe.collect(routed, [x]), z):  # only the tokens routed to attention
+    for (U, A), z_layer in zip(next(probe.layer_io(routed, [x])), z):  # only the tokens routed to attention
         assert len(A) == int(z_layer[..., cram.E].sum()) and np.all(np.linalg.norm(A, axis=1) > 0)
     assert 0 < z[..., cram.E].mean() < 1
 

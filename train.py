@@ -134,12 +134,15 @@ def config_file(path):
 
 
 def parse_args(argv):
-    """Config files (path.py) and --key=value, --key value, or a bare --flag for a bool, later ones
-    winning -> (run dict, model overrides dict), or None for -h / --help. Values are Python
+    """Config files (path.py, first) then --key=value, --key value, or a bare --flag for a bool,
+    later ones winning -> (run dict, model overrides dict), or None for -h / --help. Values are Python
     literals (ast.literal_eval) or bare strings; each is checked against its default's type."""
     if "-h" in argv or "--help" in argv:
         return None
-    argv = [a for arg in argv for a in (config_file(arg) if arg.endswith(".py") and not arg.startswith("--") else [arg])]
+    files = 0
+    while files < len(argv) and argv[files].endswith(".py"):  # config files come first
+        files += 1
+    argv = [a for path in argv[:files] for a in config_file(path)] + argv[files:]
     run, model, i = dict(DEFAULTS), {}, 0
     while i < len(argv):
         arg = argv[i]
@@ -188,7 +191,7 @@ def distributed(c):
     if "RANK" not in os.environ:
         return 0, 0, 1
     import torch.distributed as dist
-    cuda = torch.cuda.is_available() and c.device in ("auto", "cuda")
+    cuda = torch.cuda.is_available() and (c.device == "auto" or c.device.startswith("cuda"))
     backend = c.backend if c.backend != "auto" else ("nccl" if cuda else "gloo")
     if backend == "nccl" and not cuda:
         raise ConfigError("--backend=nccl needs CUDA GPUs (and --device=auto or cuda); on CPU use --backend=gloo")
@@ -317,9 +320,9 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, missing="run without --resume to start a new run"):
     if not os.path.exists(path):
-        raise ConfigError(f"no checkpoint at {path}: run without --resume to start a new run")
+        raise ConfigError(f"no checkpoint at {path}: {missing}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         if not {"model", "optimizer", "model_args", "step", "rng", "run"} <= set(ckpt):
@@ -335,12 +338,13 @@ def load_checkpoint(path):
 
 def load_run(out_dir, device="cpu", path=None):
     """A run folder's checkpoint (path: another one than out_dir/ckpt.pt) -> (run settings, its
-    dataset, the model in eval mode): for plots, sampling and probes of any finished or stopped run."""
-    ckpt = load_checkpoint(path or os.path.join(out_dir, "ckpt.pt"))
+    dataset, the model in eval mode, the step it was saved at): for plots, sampling and probes of
+    any finished or stopped run."""
+    ckpt = load_checkpoint(path or os.path.join(out_dir, "ckpt.pt"), missing="is --out_dir a train.py run folder?")
     run = {**DEFAULTS, **ckpt["run"]}
     model = CRAM(CramConfig(**{**ckpt["model_args"], "attn_impl": "auto"}))
     model.load_state_dict(ckpt["model"])
-    return run, data.make(run), model.to(device).eval()
+    return run, data.make(run), model.to(device).eval(), ckpt["step"]
 
 
 def eval_batch(task, run, i, device="cpu"):
@@ -354,7 +358,7 @@ def plot_run(out_dir, task=None, model=None, batch=None):
     rebuilds them from the checkpoint, for any finished or stopped run:
     python -c "import train; train.plot_run('out/srcd')"."""
     if model is None:
-        run, task, model = load_run(out_dir)
+        run, task, model, _ = load_run(out_dir)
         batch = eval_batch(task, run, 0)
     model.eval()
     with torch.no_grad():
@@ -512,9 +516,10 @@ def train(run, model_over, rank=0, local=0, world=1):
         accum = c.gradient_accumulation_steps // world  # this rank's micro-steps
         for micro in range(c.gradient_accumulation_steps):  # the global batch, drawn in one order
             mine = micro // accum == rank
-            batch = task.batch(c.batch_size, rng, dev if mine else "cpu")
-            if not mine:
+            drawn = task.batch(c.batch_size, rng, dev if mine else "cpu")
+            if not mine:  # another rank's share: drawn only to keep the stream in step
                 continue
+            batch = drawn
             if world > 1:  # average the gradients across ranks after the last micro-step only
                 ddp.require_backward_grad_sync = micro % accum == accum - 1
             with autocast:

@@ -89,7 +89,8 @@ assert np.all((share >= 0) & (share <= 1))
 # %%
 gpt2_dir = os.path.join(ROOT, "data", "openwebtext")
 try:
-    rows = probe.main(["--gpt2=gpt2", f"--data_dir={gpt2_dir}", "--batches=16"]) if not SMALL else None
+    if not SMALL:
+        probe.main(["--gpt2=gpt2", f"--data_dir={gpt2_dir}", "--batches=16"])
 except (ConfigError, OSError) as e:
     print(f"pretrained GPT-2 skipped: {e}")
 
