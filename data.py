@@ -62,6 +62,8 @@ class SRCD:
     pool_seed: int = 0        # the recurring pool is part of the task: fixed unless changed here
     shared_keys: bool = False # draw the pool at random from one key space shared with the novel keys,
                               # so a key id says nothing of recurrence (theory: Theorem 2)
+    zipf: float = 0.0         # recurring patterns drawn with p_i ~ i^-zipf (theory/zipf.py); 0: uniform
+                              # (Zipf draws with replacement, as the theory; uniform once per sequence)
 
     prefix = "srcd_"          # class attributes, not settings
     n_cont, n_pred = 2, 1     # continuous inputs (previous observation, log gap); the observation
@@ -80,7 +82,8 @@ class SRCD:
                         (self.n_novel <= self.novel_keys, f"{p}novel_keys={self.novel_keys}: fewer than the {self.n_novel} novel pairs per sequence"),
                         (self.values >= 2, f"{p}values={self.values}: expected >= 2"),
                         (self.pareto > 1, f"{p}pareto={self.pareto}: expected > 1 (a finite mean gap)"),
-                        (self.gap > 0 and self.noise >= 0, f"{p}gap must be > 0 and {p}noise >= 0")]:
+                        (self.gap > 0 and self.noise >= 0, f"{p}gap must be > 0 and {p}noise >= 0"),
+                        (self.zipf >= 0, f"{p}zipf={self.zipf}: expected >= 0 (0: a uniform pool)")]:
             if not ok:
                 raise ConfigError(msg)
         self.key0 = 2                          # key ids, then value ids
@@ -93,6 +96,8 @@ class SRCD:
         self.pool_keys, self.novel_key_ids = keys[:self.pool], keys[self.pool:]  # (pool,), (novel_keys,)
         self.in_pool = np.isin(np.arange(self.vocab_size), self.pool_keys)     # (vocab,) bool
         self.in_pool_t = torch.from_numpy(self.in_pool)
+        weights = np.arange(1, self.pool + 1, dtype=float) ** -self.zipf
+        self.pool_p = weights / weights.sum()   # (pool,) how often each pattern recurs
 
     @property
     def floor(self):
@@ -109,7 +114,10 @@ class SRCD:
         recurring = rng.permutation(self.n_query) < self.n_recurring
         keys = np.empty(self.n_query, np.int64)
         values = np.empty(self.n_query, np.int64)
-        rk = rng.choice(self.pool, self.n_recurring, replace=False)
+        if self.zipf:
+            rk = rng.choice(self.pool, self.n_recurring, p=self.pool_p)
+        else:  # the stream every uniform-pool result was measured with
+            rk = rng.choice(self.pool, self.n_recurring, replace=False)
         keys[recurring], values[recurring] = self.pool_keys[rk], self.pool_values[rk]
         keys[~recurring] = self.novel_key_ids[rng.choice(self.novel_keys, self.n_novel, replace=False)]
         values[~recurring] = rng.integers(self.values, size=self.n_novel)

@@ -612,18 +612,19 @@ def class_ids(task, tokens):
 
 
 @given(n=st.integers(40, 600), query=st.floats(0.01, 0.2), recurring=st.floats(0, 1), seed=st.integers(0, 2**16),
-       shared=st.booleans())
-def test_srcd_invariants(n, query, recurring, seed, shared):
-    task = srcd(srcd_len=n, srcd_query=query, srcd_recurring=recurring, srcd_shared_keys=shared)
+       shared=st.booleans(), zipf=st.sampled_from([0.0, 2.0]))
+def test_srcd_invariants(n, query, recurring, seed, shared, zipf):
+    task = srcd(srcd_len=n, srcd_query=query, srcd_recurring=recurring, srcd_shared_keys=shared, srcd_zipf=zipf)
     batch = task.batch(4, np.random.default_rng(seed))
     tok, tgt, cls = batch["tokens"].numpy(), batch["targets"].numpy(), class_ids(task, batch["tokens"])
     for i in range(4):
         qpos = np.flatnonzero(tok[i, :, 1] == task.QUERY)
         assert len(qpos) == task.n_query == round(query * n) or task.n_query == 1
         assert ((cls[i] == 1).sum(), (cls[i] == 2).sum()) == (task.n_recurring, task.n_novel)
-        for t in qpos:  # the key was bound earlier in this sequence, with the value asked for
+        for t in qpos:  # the key was bound earlier in this sequence, with the value asked for (a
             bound = np.flatnonzero((tok[i, :t, 0] == tok[i, t, 0]) & (tok[i, :t, 1] >= task.value0))
-            assert len(bound) == 1 and tok[i, bound[0], 1] == tgt[i, t]
+            assert len(bound) >= 1 and (tok[i, bound, 1] == tgt[i, t]).all()  # Zipf key may recur)
+            assert len(bound) == 1 or zipf
             if cls[i, t] == 1:  # a recurring key asks for its pool value, in every sequence
                 assert tgt[i, t] == task.value0 + task.pool_values[list(task.pool_keys).index(tok[i, t, 0])]
     assert abs(task.n_recurring / task.n_query - recurring) <= 0.5 / task.n_query + 1e-9
@@ -688,6 +689,21 @@ def test_mqar_queries_cluster_after_the_block():
         g = (np.nonzero(tgt >= 0)[1] - 8) // 2
         early[a] = (g < task.space // 8).mean()
     assert early[0.01] > 0.5 and abs(early[1.0] - 1 / 8) < 0.05, early
+
+
+def test_srcd_zipf_pool_frequencies():
+    """With srcd_zipf = s, pattern i recurs in proportion to i^-s; the theory's parameters follow."""
+    task = srcd(srcd_zipf=1.5, srcd_pool=20)
+    tok = task.batch(400, np.random.default_rng(0))["tokens"].numpy()
+    queried = tok[..., 0][(tok[..., 1] == task.QUERY) & task.in_pool[tok[..., 0]]]
+    freq = np.array([(queried == key).mean() for key in task.pool_keys])
+    want = np.arange(1, 21) ** -1.5 / (np.arange(1, 21) ** -1.5).sum()
+    assert np.abs(freq - want).max() < 0.01 and freq[0] > 3 * freq[4], (freq[:5], want[:5])
+    from theory import srcd_fit
+    assert np.allclose(srcd_fit.srcd_params(dict(train.DEFAULTS, srcd_zipf=1.5, srcd_pool=20))["p"], want)
+    assert np.allclose(srcd().pool_p, 0.01)  # the default pool stays uniform
+    with pytest.raises(ConfigError, match="srcd_zipf"):
+        srcd(srcd_zipf=-1.0)
 
 
 def test_srcd_shared_keys_draws_the_pool_from_one_key_space():

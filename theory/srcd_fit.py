@@ -2,13 +2,14 @@
 consolidation threshold k fitted to the measured curve, and the power-law exponent gamma.
 
 The generator (data.SRCD) puts n_query queries in each length-n sequence, n_recurring of them
-recurring, their keys drawn uniformly from a pool of P = srcd_pool patterns. So the theory's
+recurring, their keys drawn from a pool of P = srcd_pool patterns, uniformly or, with srcd_zipf = s,
+with p_i ~ i^-s (data.SRCD.pool_p). So the theory's
 parameters are n = srcd_len, f = n_query / n and r = n_recurring / n_query (the generator's rounded
 counts, asked of the SRCD object, not the nominal ratios), a uniform pool of P, b = batch_size, and
 its floor f (1 - r) n / n is the share of tokens that are novel queries, data.SRCD.floor. One
-difference: a pattern appears at most once per sequence (drawn without replacement), the theory
-draws with replacement; the mean exposures, r b f n / P per step, are the same, the spread a little
-smaller.
+difference for the uniform pool: a pattern appears at most once per sequence (drawn without
+replacement), the theory draws with replacement; the mean exposures, r b f n / P per step, are the
+same, the spread a little smaller. A Zipf pool is drawn with replacement, as the theory draws.
 """
 import json
 import os
@@ -41,7 +42,7 @@ def srcd_params(run):
     import data  # the repository root's data.py (and torch): only when a run is read
     task = data.make(run)
     return dict(n_=task.len, f_=task.n_query / task.len, r_=task.n_recurring / task.n_query,
-                p=cons.uniform_pool(task.pool), b_=run["batch_size"])
+                p=task.pool_p, b_=run["batch_size"])
 
 
 def floor(prm):
