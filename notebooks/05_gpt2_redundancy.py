@@ -49,7 +49,7 @@ SMALL = os.environ.get("CRAM_NB_SMALL") == "1"
 OUT = os.path.join(ROOT, "out", "notebooks", "redundancy_small" if SMALL else "redundancy")
 DATA = os.path.join(ROOT, "out", "notebooks", "pydoc_small") if SMALL else os.path.join(ROOT, "data", "pydoc")
 RUN = [os.path.join(ROOT, "configs", "text_tiny.py"), f"--data_dir={DATA}", f"--out_dir={OUT}",
-       "--router_mode=always", "--wm_kind=none", "--n_positions=256", "--keep_checkpoints", "--threads=2"]
+       "--router_mode=always", "--wm_kind=none", "--n_positions=128", "--keep_checkpoints", "--threads=1"]
 if SMALL:
     RUN += ["--n_layer=2", "--n_embd=16", "--n_head=2", "--data_len=32", "--n_positions=32", "--batch_size=4",
             "--max_iters=6", "--ckpt_interval=3", "--eval_interval=3", "--eval_batches=1", "--threads=1"]
