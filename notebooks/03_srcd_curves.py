@@ -16,7 +16,9 @@
 # real CRAM run next to that: the measured attention fraction per evaluation, overall and per
 # token class (recurring queries, novel queries, everything else), the floor and the consolidating
 # learner's expected curve with the run's own SRCD settings, and gamma fitted as the log-log slope
-# of attention above the floor, next to the paper's 0.43.
+# of what the theory speaks about, the share of recurring queries still on attention (not the
+# total, most of which early on is other tokens the theory does not model), with its interval,
+# next to 1 - 1/s for the run's pool and the paper's 0.43.
 #
 # **Which run.** `CRAM_RUN` (default `out/srcd`). If its metrics.jsonl does not exist, or with
 # `CRAM_NB_SMALL=1` (what the tests run), the notebook trains a tiny model for 60 steps itself.
@@ -84,7 +86,8 @@ print(f"n={prm['n_']}  f={prm['f_']:.4f}  r={prm['r_']:.3f}  P={len(prm['p'])}  
 # ## The estimators, on the theory's own learner
 # Before reading a run, the two fits must recover known answers: k from the simulated learner of
 # notebook 02 (SRCD's default ratios, k = 10), and gamma from the expected curve of a Zipf pool
-# whose s gives the paper's 0.43, over the steps where that pool shows its power law.
+# whose s gives the paper's 0.43, over the steps where that pool shows its power law; and a
+# wrong exponent (s = 3, gamma 0.67) must fall outside the interval fitted there.
 
 # %%
 k_true, sim = 10, dict(n_=512, f_=26 / 512, r_=18 / 26, p=theory.uniform_pool(100), b_=16)
@@ -95,11 +98,12 @@ assert abs(k_sim - k_true) <= 1, k_sim  # 32 replicas: the mean curve pins k to 
 s = theory.s_of_gamma(GAMMA_PAPER)
 zipf_prm = dict(sim, p=theory.zipf_pool(10_000, s))
 t_zipf = theory.power_law_steps(10_000, s, k_true, sim["r_"] * sim["b_"] * sim["f_"] * sim["n_"])
-E_zipf = theory.expected_attention(t_zipf, k_=k_true, **zipf_prm) / sim["n_"]
-g_zipf, _ = srcd_fit.fit_gamma(t_zipf, E_zipf - srcd_fit.floor(zipf_prm))
+_, uncons_zipf = theory.simulate(**zipf_prm, k_=k_true, steps=t_zipf, replicas=1, seed=1)  # one noisy run
+g_zipf, (g_lo, g_hi), _ = srcd_fit.fit_gamma(t_zipf, uncons_zipf[0])
 assert abs(g_zipf - GAMMA_PAPER) < 0.03, g_zipf  # the pool's finite end (notebook 02)
-print(f"fit_k on the simulated learner: {k_sim} (true {k_true});  fit_gamma on a Zipf s={s:.2f} pool: "
-      f"{g_zipf:.3f} (true {GAMMA_PAPER})")
+assert g_lo < GAMMA_PAPER + 0.03 and g_hi > GAMMA_PAPER - 0.03 and g_hi < theory.gamma_of_s(3), (g_lo, g_hi)
+print(f"fit_k on the simulated learner: {k_sim} (true {k_true});  fit_gamma on a simulated Zipf s={s:.2f} "
+      f"pool: {g_zipf:.3f} (95% {g_lo:.3f} .. {g_hi:.3f}; true {GAMMA_PAPER})")
 
 # %% [markdown]
 # ## The consolidating learner with the run's settings
@@ -126,22 +130,26 @@ print(f"k = {k}" + (f" (fitted; grid values {k_lo} .. {k_hi} fit within 10%)" if
       f"-> the uniform pool consolidates at about step {t_star:.0f}")
 
 # %% [markdown]
-# ## gamma: the log-log slope of attention above the floor
-# Over the steps with a free router where the attention fraction is above the floor. SRCD's pool is
-# uniform (s = 0), outside the s > 1 where gamma = 1 - 1/s holds: the theory predicts a sharp
-# transition near the step above, not a power law. The same estimator on the theory's curve at the
-# run's evaluation steps shows what slope a uniform-pool learner would produce there.
+# ## gamma: the log-log slope of the recurring queries' share on attention
+# Over the evaluations with a free router where the share is above 0. With a Zipf pool
+# (`--srcd_zipf=s`, s > 1) the theory predicts gamma = 1 - 1/s inside the window of steps where the
+# consolidation frontier is well inside the pool (theory.power_law_steps); with SRCD's default
+# uniform pool it predicts a sharp step near the step above, no power law. The same estimator on the
+# theory's curve at the run's evaluation steps shows what slope the consolidating learner would give.
 
 # %%
-gamma, fit_mask = srcd_fit.fit_gamma(steps, attn - floor, warmup)
-if fit_mask.sum() >= 3:
-    assert np.isfinite(gamma)
-gamma_theory, theory_mask = srcd_fit.fit_gamma(steps, theory_at_steps - floor, warmup)
-say = lambda g, m: f"{g:.3f} ({m.sum()} points)" if np.isfinite(g) else f"none: {m.sum()} usable points, 3 needed"
-print(f"gamma measured:                  {say(gamma, fit_mask)}")
-print(f"gamma paper:                     {GAMMA_PAPER}")
-print(f"gamma theory, uniform pool:      no power law (1 - 1/s needs s > 1); same estimator on its "
-      f"curve: {say(gamma_theory, theory_mask)}")
+recurring = per_class["recurring"]
+gamma, (lo, hi), fit_mask = srcd_fit.fit_gamma(steps, recurring, warmup)
+if fit_mask.sum() >= 4:
+    assert np.isfinite(gamma) and lo <= gamma <= hi
+gamma_theory, _, theory_mask = srcd_fit.fit_gamma(steps, srcd_fit.unconsolidated(steps, k, prm), warmup)
+say = lambda g, m: f"{g:.3f} ({m.sum()} points)" if np.isfinite(g) else f"none: {m.sum()} usable points, 4 needed"
+s_run = run.get("srcd_zipf", 0.0)
+print(f"gamma measured (recurring share): {say(gamma, fit_mask)}" + (f", 95% {lo:.3f} .. {hi:.3f}" if np.isfinite(gamma) else ""))
+print(f"gamma predicted:                  " + (f"1 - 1/s = {theory.gamma_of_s(s_run):.3f} (s = {s_run})" if s_run > 1
+                                               else "no power law: the pool is not Zipf with s > 1"))
+print(f"gamma paper:                      {GAMMA_PAPER}")
+print(f"the same estimator on the consolidating learner's curve at these steps: {say(gamma_theory, theory_mask)}")
 peak = attn[free].max() if free.any() else float("nan")
 print(f"findings (not asserted): free-router peak {peak:.4f}, last {attn[-1]:.4f}, floor {floor:.4f}; "
       + ", ".join(f"{c} {v[-1]:.3f}" for c, v in per_class.items()) + " at the last evaluation")
@@ -150,8 +158,8 @@ print(f"findings (not asserted): free-router peak {peak:.4f}, last {attn[-1]:.4f
 # ## Plot
 # Left: the attention fraction against the step, with the static cost f, the floor and the
 # consolidating learner's curve (fitted k). Middle: per class, against the theory (recurring: the
-# unconsolidated share; novel: always; other: never). Right: attention above the floor on log-log
-# axes, the fitted slope and the paper's.
+# unconsolidated share; novel: always; other: never). Right: the recurring queries' share on
+# log-log axes, the fitted slope and the paper's.
 
 # %%
 fig, (ax0, ax1, ax2) = plt.subplots(1, 3, figsize=(16, 4.5))
@@ -174,18 +182,17 @@ for (c, v), colour, th in zip(per_class.items(), ("C1", "C2", "C7"),
 ax1.set(xlabel="training step", ylabel="share of the class on attention", ylim=(-0.03, 1.03))
 ax1.legend(fontsize=8, ncol=2)
 
-excess, pos = attn - floor, (steps > 0) & (attn - floor > 0)
-ax2.loglog(steps[pos], excess[pos], "ko", ms=4, mfc="none", label="measured, attn_frac - floor")
-ax2.loglog(steps[fit_mask], excess[fit_mask], "ko", ms=4, label="usable for the fit")
+pos = (steps > 0) & (recurring > 0)
+ax2.loglog(steps[pos], recurring[pos], "ko", ms=4, mfc="none", label="measured attn_recurring")
+ax2.loglog(steps[fit_mask], recurring[fit_mask], "ko", ms=4, label="usable for the fit")
 if np.isfinite(gamma):
-    e0 = np.exp(np.log(excess[fit_mask]).mean() + gamma * np.log(steps[fit_mask]).mean())
+    e0 = np.exp(np.log(recurring[fit_mask]).mean() + gamma * np.log(steps[fit_mask]).mean())
     ts = steps[fit_mask]
-    ax2.loglog(ts, e0 * ts**-gamma, "C3-", label=f"fit: gamma = {gamma:.2f}")
+    ax2.loglog(ts, e0 * ts**-gamma, "C3-", label=f"fit: gamma = {gamma:.2f} ({lo:.2f} .. {hi:.2f})")
     ax2.loglog(ts, e0 * ts[0] ** -gamma * (ts / ts[0]) ** -GAMMA_PAPER, "C3:", label=f"paper: gamma = {GAMMA_PAPER}")
-th_pos = theory_at_steps - floor > 0
-ax2.loglog(steps[th_pos & (steps > 0)], (theory_at_steps - floor)[th_pos & (steps > 0)], "C0.-",
-           label="consolidating learner - floor")
-ax2.set(xlabel="training step", ylabel="attention above the floor",
+th = srcd_fit.unconsolidated(steps, k, prm)
+ax2.loglog(steps[(th > 0) & (steps > 0)], th[(th > 0) & (steps > 0)], "C0.-", label="consolidating learner")
+ax2.set(xlabel="training step", ylabel="share of recurring queries on attention",
         title="gamma: " + (f"{gamma:.2f}" if np.isfinite(gamma) else "too few points"))
 ax2.legend(fontsize=8)
 fig.tight_layout()

@@ -17,7 +17,6 @@ import os
 import numpy as np
 
 from . import consolidation as cons
-from . import zipf
 
 
 def read_run(run_dir):
@@ -40,7 +39,7 @@ def read_run(run_dir):
 def srcd_params(run):
     """The theory's (n_, f_, r_, p, b_) for expected_attention, from a run's settings."""
     import data  # the repository root's data.py (and torch): only when a run is read
-    task = data.make(run)
+    task = data.make({**data.settings(), **run})  # settings added since the run have their defaults
     return dict(n_=task.len, f_=task.n_query / task.len, r_=task.n_recurring / task.n_query,
                 p=task.pool_p, b_=run["batch_size"])
 
@@ -71,9 +70,21 @@ def fit_k(steps, measured, prm, num=60):
     return int(grid[sse.argmin()]), int(ok.min()), int(ok.max())
 
 
-def fit_gamma(steps, excess, start=0):
-    """gamma, the log-log slope of excess = attention - floor against the step, over steps >= start
-    (and >= 1) where the excess is positive. -> (gamma, mask); gamma is nan below 3 usable points."""
-    steps, excess = np.asarray(steps, float), np.asarray(excess, float)
-    mask = (steps >= max(start, 1)) & np.isfinite(excess) & (excess > 0)
-    return (zipf.fit_power_law(steps[mask], excess[mask]) if mask.sum() >= 3 else float("nan")), mask
+def fit_gamma(steps, share, start=0, resamples=2000, seed=0):
+    """gamma, minus the log-log slope of `share` against the step, over steps >= start (and >= 1)
+    where the share is positive; what the theory predicts it for is the recurring queries' share
+    still on attention, U ~ C t^-gamma. -> (gamma, (lo, hi), mask): the 95% interval from a
+    bootstrap of the fitted line's residuals (the points are one run's evaluations, not
+    independent draws: the interval is the fit's, not the run-to-run spread). gamma and the
+    interval are nan below 4 usable points."""
+    steps, share = np.asarray(steps, float), np.asarray(share, float)
+    mask = (steps >= max(start, 1)) & np.isfinite(share) & (share > 0)
+    if mask.sum() < 4:
+        return float("nan"), (float("nan"), float("nan")), mask
+    x, y = np.log(steps[mask]), np.log(share[mask])
+    slope, icpt = np.polyfit(x, y, 1)
+    resid = y - (slope * x + icpt)
+    rng = np.random.default_rng(seed)
+    boot = [np.polyfit(x, slope * x + icpt + rng.choice(resid, len(x)), 1)[0] for _ in range(resamples)]
+    lo, hi = np.percentile(-np.array(boot), [2.5, 97.5])
+    return float(-slope), (float(lo), float(hi)), mask
