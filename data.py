@@ -60,6 +60,8 @@ class SRCD:
     gap: float = 0.2          # mean time gap
     noise: float = 0.05       # observation noise of the continuous signal
     pool_seed: int = 0        # the recurring pool is part of the task: fixed unless changed here
+    pool_new: int = 0         # give the first pool_new patterns other values (transfer to a pool that
+                              # shares pool - pool_new bindings with the one trained on)
     shared_keys: bool = False # draw the pool at random from one key space shared with the novel keys,
                               # so a key id says nothing of recurrence (theory: Theorem 2)
     zipf: float = 0.0         # recurring patterns drawn with p_i ~ i^-zipf (theory/zipf.py); 0: uniform
@@ -83,7 +85,8 @@ class SRCD:
                         (self.values >= 2, f"{p}values={self.values}: expected >= 2"),
                         (self.pareto > 1, f"{p}pareto={self.pareto}: expected > 1 (a finite mean gap)"),
                         (self.gap > 0 and self.noise >= 0, f"{p}gap must be > 0 and {p}noise >= 0"),
-                        (self.zipf >= 0, f"{p}zipf={self.zipf}: expected >= 0 (0: a uniform pool)")]:
+                        (self.zipf >= 0, f"{p}zipf={self.zipf}: expected >= 0 (0: a uniform pool)"),
+                        (0 <= self.pool_new <= self.pool, f"{p}pool_new={self.pool_new}: expected 0 .. pool")]:
             if not ok:
                 raise ConfigError(msg)
         self.key0 = 2                          # key ids, then value ids
@@ -91,6 +94,8 @@ class SRCD:
         self.vocab_size = self.value0 + self.values
         rng = np.random.default_rng(self.pool_seed)
         self.pool_values = rng.integers(self.values, size=self.pool)
+        shift = np.random.default_rng([self.pool_seed, 1]).integers(1, self.values, size=self.pool_new)
+        self.pool_values[:self.pool_new] = (self.pool_values[:self.pool_new] + shift) % self.values  # never the old value
         keys = self.key0 + (rng.permutation(self.pool + self.novel_keys) if self.shared_keys
                             else np.arange(self.pool + self.novel_keys))
         self.pool_keys, self.novel_key_ids = keys[:self.pool], keys[self.pool:]  # (pool,), (novel_keys,)

@@ -859,6 +859,27 @@ def test_overwrite_leaves_nothing_of_the_replaced_run(tmp_path):
     assert max(r["step"] for r in rows) <= 1
 
 
+def test_init_from_a_run_with_frozen_parts(tmp_path):
+    """Transfer: a new run starts from another's weights; frozen parameters stay as they were."""
+    train.main(TINY_RUN + [f"--out_dir={tmp_path / 'src'}", "--max_iters=3"])
+    keep = "blocks,tok_emb,cont_proj,ln_f,pred_head"  # everything but the output head
+    train.main(TINY_RUN + [f"--out_dir={tmp_path / 'new'}", "--max_iters=3", f"--init_from={tmp_path / 'src'}",
+                           f"--freeze={keep}", "--srcd_pool_new=5"])
+    a, b = (torch.load(tmp_path / x / "ckpt.pt", weights_only=False)["model"] for x in ("src", "new"))
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("lm_head"))
+    assert not torch.equal(a["lm_head.weight"], b["lm_head.weight"])
+    with pytest.raises(ConfigError, match="no parameter name contains 'routr'"):
+        train.main(TINY_RUN + [f"--out_dir={tmp_path / 'x'}", f"--init_from={tmp_path / 'src'}", "--freeze=routr"])
+    with pytest.raises(ConfigError, match="keep the vocabulary"):
+        train.main(TINY_RUN + [f"--out_dir={tmp_path / 'y'}", f"--init_from={tmp_path / 'src'}", "--srcd_values=9"])
+
+
+def test_srcd_pool_new_changes_exactly_those_bindings():
+    old, new = srcd(), srcd(srcd_pool_new=50)
+    assert (old.pool_values[:50] != new.pool_values[:50]).all() and (old.pool_values[50:] == new.pool_values[50:]).all()
+    assert (old.pool_keys == new.pool_keys).all()
+
+
 def test_command_line_error_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "train.py", "--max_iters=x", f"--out_dir={tmp_path}"],
                        capture_output=True, text=True, cwd=ROOT)

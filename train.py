@@ -66,6 +66,8 @@ eval_interval = 250      # steps between evaluations on the fixed eval batches
 eval_batches = 4         # eval sequences = eval_batches * batch_size, the same every eval
 ckpt_interval = 500      # steps between checkpoints
 keep_checkpoints = False # also keep each checkpoint as ckpt_<step>.pt (probe.py reads them all)
+init_from = ""           # a run folder: start from its weights (its model settings; a new optimizer)
+freeze = ""              # comma-separated parts of parameter names kept fixed, e.g. semantic,router
 attn_warmup = 0          # steps of attention forced on every token before the router is free:
                          # the default router needs none (cram.py: attn_prior, penalty_q); kept for
                          # the flat penalty (--penalty_q=False), run with 500 in DESIGN.md sec. 5
@@ -386,6 +388,17 @@ def main(argv):
             torch.distributed.destroy_process_group()
 
 
+def frozen(model, freeze):
+    """Keep fixed every parameter whose name contains one of the comma-separated parts of freeze
+    (transfer: --freeze=semantic,router keeps semantic memory, the router and its q-head)."""
+    parts = [p for p in freeze.split(",") if p]
+    for part in parts:
+        if not any(part in name for name, _ in model.named_parameters()):
+            raise ConfigError(f"--freeze={freeze}: no parameter name contains {part!r} (see model.named_parameters())")
+    for name, p in model.named_parameters():
+        p.requires_grad_(not any(part in name for part in parts))
+
+
 def rng_states(dev, world):
     """Every rank's torch random state (the router's Gumbel noise and spot checks), gathered for
     rank 0's checkpoint: [{torch, cuda}] per rank."""
@@ -425,8 +438,8 @@ def train(run, model_over, rank=0, local=0, world=1):
         for k, v in model_over.items():
             if ckpt["model_args"].get(k) != v and k != "attn_impl":  # the same math, either way
                 raise ConfigError(f"--{k}={v} differs from the checkpoint's {ckpt['model_args'].get(k)!r}: a resumed run keeps its model")
-        for k in ("dataset",) + data.setting_keys(ckpt["run"]["dataset"]):
-            if ckpt["run"].get(k) != run[k]:
+        for k in ("dataset", "freeze") + data.setting_keys(ckpt["run"]["dataset"]):
+            if ckpt["run"].get(k, DEFAULTS[k]) != run[k]:
                 raise ConfigError(f"--{k}={run[k]!r} differs from the checkpoint's {ckpt['run'].get(k)!r}: a resumed run keeps its data")
     elif os.path.exists(ckpt_path) and not c.overwrite:
         raise ConfigError(f"{ckpt_path} exists: pass --resume to continue it, --overwrite to replace it, or another --out_dir")
@@ -435,9 +448,18 @@ def train(run, model_over, rank=0, local=0, world=1):
     sizes = dict(vocab_size=task.vocab_size, n_cont=task.n_cont, n_pred=task.n_pred)
     # a resumed run keeps its model but not its attn_impl (the same math), which may not exist here
     impl = dict(attn_impl=CramConfig.attn_impl)
-    mcfg = CramConfig(**({**ckpt["model_args"], **impl, **model_over} if ckpt else {**model_over, **sizes}))
+    source = None if ckpt or not c.init_from else load_checkpoint(
+        os.path.join(c.init_from, "ckpt.pt"), missing="--init_from names a train.py run folder")
+    base = ckpt or source
+    mcfg = CramConfig(**({**base["model_args"], **impl, **model_over} if base else {**model_over, **sizes}))
+    if source and any(getattr(mcfg, k) != v for k, v in sizes.items()):
+        raise ConfigError(f"--init_from={c.init_from}: its model reads {dict((k, getattr(mcfg, k)) for k in sizes)}, "
+                          f"this dataset {sizes}: keep the vocabulary and inputs of the run it starts from")
     torch.manual_seed(c.seed)
     raw_model = CRAM(mcfg).to(dev)  # the checkpoint holds its weights; model may be its compiled form
+    if source:
+        raw_model.load_state_dict(source["model"])
+    frozen(raw_model, c.freeze)
     model = torch.compile(raw_model) if c.compile else raw_model
     ddp = model  # what the training step calls: under torchrun the replica that averages gradients
     if world > 1:
