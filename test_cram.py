@@ -1660,7 +1660,7 @@ def test_theory_zipf_fitted_gamma(s, k, seed):
 
 
 @pytest.mark.parametrize("notebook", ["01_lower_bound.py", "02_consolidation.py", "03_srcd_curves.py",
-                                      "04_srcd_ablations.py", "05_gpt2_redundancy.py"])
+                                      "04_srcd_ablations.py", "05_gpt2_redundancy.py", "06_srcd_transfer.py"])
 def test_theory_notebook_runs(notebook):
     env = dict(os.environ, CRAM_NB_SMALL="1", MPLBACKEND="Agg")
     path = os.path.join(ROOT, "notebooks", notebook)

@@ -27,9 +27,7 @@
 # %%
 import json
 import os
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import matplotlib.pyplot as plt
@@ -37,9 +35,10 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(globals().get("__file__", os.path.join(os.getcwd(), "nb"))))
 ROOT = HERE if os.path.isdir(os.path.join(HERE, "theory")) else os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "notebooks")]
 
 import data  # noqa: E402
+import runs  # noqa: E402  (notebooks/runs.py)
 import train  # noqa: E402
 from theory.figures import save_figure  # noqa: E402
 
@@ -84,36 +83,9 @@ def run_dir(row, seed):
     return os.path.join(OUT, row.split(" (")[0].replace(" ", "_").replace(",", ""), f"seed{seed}")
 
 
-def finished(path, argv):
-    """The run's summary, if it exists and was trained with these settings."""
-    try:
-        with open(os.path.join(path, "summary.json")) as fh:
-            summary = json.load(fh)
-    except (OSError, ValueError):
-        return None
-    run, model = train.parse_args(argv)
-    done = summary["config"]
-    ignored = train.INVOCATION + ("threads",) + tuple(set(data.settings()) - set(data.setting_keys(run["dataset"])))
-    same = all(done["run"].get(k) == v for k, v in run.items() if k not in ignored)
-    return summary if same and all(done["model"].get(k) == v for k, v in model.items()) else None
-
-
 def train_one(job):
     row, seed = job
-    path = run_dir(row, seed)
-    argv = CONFIG + RUNS[row] + [f"--seed={seed}", f"--out_dir={path}", "--overwrite"]
-    if finished(path, argv):
-        return
-    if SMALL:
-        import contextlib
-        import io
-        with contextlib.redirect_stdout(io.StringIO()):
-            train.main(argv)
-        return
-    t0 = time.time()
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *argv], capture_output=True, text=True)
-    assert res.returncode == 0, f"{row} seed {seed}: {res.stderr[-500:]}"
-    print(f"trained {row}, seed {seed}: {time.time() - t0:.0f} s", flush=True)
+    runs.ensure(run_dir(row, seed), CONFIG + RUNS[row] + [f"--seed={seed}"], SMALL, f"{row}, seed {seed}")
 
 
 # seed by seed, so that a stopped regeneration has every row and penalty for the first seeds
@@ -129,7 +101,7 @@ with ThreadPoolExecutor(1 if SMALL else JOBS) as pool:
 # %%
 def measure(row, seed):
     path = run_dir(row, seed)
-    summary = finished(path, CONFIG + RUNS[row] + [f"--seed={seed}", f"--out_dir={path}"])
+    summary = runs.finished(path, CONFIG + RUNS[row] + [f"--seed={seed}", f"--out_dir={path}"])
     assert summary, f"{path}: no finished run"
     with open(os.path.join(path, "metrics.jsonl")) as fh:
         evals = [r for r in map(json.loads, fh) if r["kind"] == "eval"]
@@ -142,11 +114,11 @@ def measure(row, seed):
                 collapsed=summary["retrieval_acc"] < 0.9, wall_seconds=summary["wall_seconds"], floor=floor)
 
 
-runs = {row: [measure(row, seed) for seed in SEEDS] for row in RUNS}
-for row, ms in runs.items():
+results = {row: [measure(row, seed) for seed in SEEDS] for row in RUNS}
+for row, ms in results.items():
     for m in ms:
         assert 0 <= m["retrieval"] <= 1 and 0 <= m["attn"] <= 1 and np.isfinite(m["dynamics_mse"]), (row, m)
-floor = runs["CRAM (learned)"][0]["floor"]
+floor = results["CRAM (learned)"][0]["floor"]
 task = data.make(train.parse_args(CONFIG)[0])
 query_rate = task.n_query / task.len
 
@@ -168,7 +140,7 @@ print("| row | " + " | ".join(c for c, _, _ in columns) + " | consolidation step
 print("|---|" + "---:|" * (len(columns) + 3) + "---|")
 table = []
 for row in ROWS:
-    ms = runs[row]
+    ms = results[row]
     steps = [m["consolidation_step"] for m in ms]
     reached = [s for s in steps if s is not None]
     step_cell = (f"{int(np.mean(reached))}" + (f" ({min(reached)}-{max(reached)})" if len(set(reached)) > 1 else "")
@@ -203,7 +175,7 @@ def finish(ax, title, name):
 fig, ax = plt.subplots(figsize=(8, 5))
 markers = "os^vD<>pPX*h"
 for (row, marker) in zip(ROWS, markers):
-    ms = runs[row]
+    ms = results[row]
     ax.scatter([max(m["attn"], 1e-4) for m in ms], [m["retrieval"] for m in ms], marker=marker, s=45, label=row, alpha=0.8)
 finish(ax, f"SRCD ablations: {STEPS} steps, {len(SEEDS)} seeds per row", "04_srcd_ablations")
 
@@ -219,7 +191,7 @@ weights = sorted(PENALTIES + [0.5])
 
 
 def sweep_runs(variant, w):
-    return runs[VARIANTS[variant]] if w == 0.5 else runs[f"{variant}, penalty {w}"]
+    return results[VARIANTS[variant]] if w == 0.5 else results[f"{variant}, penalty {w}"]
 
 
 def holds(m):
