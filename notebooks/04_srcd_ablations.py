@@ -166,23 +166,18 @@ print(f"\nrows as JSON: {os.path.relpath(os.path.join(OUT, 'table.json'), ROOT)}
 # ("route every query") are the lines; CRAM's claim is the top left corner, at the floor.
 
 # %%
-def finish(ax, title, name):
-    """The lines both plots share (the floor, every query), then the plot saved as name."""
-    ax.axvline(floor, color="k", ls=":", label="floor (novel queries)")
-    ax.axvline(query_rate, color="gray", ls="--", label="every query")
-    ax.set(xscale="log", xlabel="share of tokens on attention (any layer), final eval", ylabel="retrieval accuracy",
-           title=title)
-    ax.legend(fontsize=7, loc="lower right")
-    ax.figure.tight_layout()
-    save_figure(ax.figure, name)
-
-
 fig, ax = plt.subplots(figsize=(8, 5))
 markers = "os^vD<>pPX*h"
 for (row, marker) in zip(ROWS, markers):
     ms = results[row]
     ax.scatter([max(m["attn"], 1e-4) for m in ms], [m["retrieval"] for m in ms], marker=marker, s=45, label=row, alpha=0.8)
-finish(ax, f"SRCD ablations: {STEPS} steps, {len(SEEDS)} seeds per row", "04_srcd_ablations")
+ax.axvline(floor, color="k", ls=":", label="floor (novel queries)")
+ax.axvline(query_rate, color="gray", ls="--", label="every query")
+ax.set(xscale="log", xlabel="share of tokens on attention (any layer), final eval", ylabel="retrieval accuracy",
+       title=f"SRCD ablations: {STEPS} steps, {len(SEEDS)} seeds per row")
+ax.legend(fontsize=7, loc="lower right")
+fig.tight_layout()
+save_figure(fig, "04_srcd_ablations")
 
 # %% [markdown]
 # ## The penalty sweep
