@@ -6,6 +6,11 @@ the routed side with each implementation this machine has (the twin; on CUDA als
 On CUDA the forward runs as train.py runs it: bf16 autocast, TF32 matmuls; on a CPU in fp32.
 
     python bench.py [--n=4096] [--json FILE]
+    python bench.py --memories [--batch=16] [--len=512] [--json FILE]
+
+--memories times the working memories instead, forward + backward per token: each in its fast form
+(the chunked scans) against its plain twin (the token loop), as train.py runs them (fp32 on a CPU,
+bf16 autocast on CUDA).
 
 Routed attention alone, against SDPA, is kernel.py's benchmark (python kernel.py); the timers and
 the table printer that both benchmarks use live here.
@@ -83,10 +88,55 @@ def whole_model(device, timer, impl, N, every=64):
                 D=cfg.n_embd // cfg.n_head, dtype="bfloat16 autocast" if cuda else "float32")
 
 
+MEMORY_FORMS = [("gated", cram.gated_scan_sequential), ("palimpsa", cram.palimpsa_scan_sequential),
+                ("mamba2", cram.palimpsa_scan_sequential)]
+
+
+def working_memories(device, timer, B, T):
+    """Forward + backward of one working-memory layer (SRCD's default width: n_embd 64, 4 heads,
+    chunk 16) on (B, T) tokens, chunked and sequential, in microseconds per token."""
+    cuda = device.startswith("cuda")
+    autocast = torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext()
+    rows = []
+    for kind, twin in MEMORY_FORMS:
+        torch.manual_seed(0)
+        cfg = cram.CramConfig(vocab_size=366, n_cont=2, n_pred=1, wm_kind=kind)
+        wm = cram.CRAM(cfg).blocks[0].wm.to(device)
+        x = torch.randn(B, T, cfg.n_embd, device=device, requires_grad=True)
+        dtau = torch.rand(B, T, device=device)
+        for form, scan in [("chunked", None), ("sequential", twin)]:
+            def step():
+                with autocast:
+                    y = wm(x, dtau, scan=scan)
+                y.float().sum().backward()
+            ms, mem = timer(step)
+            rows.append(dict(device=device, memory=kind, form=form, B=B, T=T, ms=ms, us_per_token=1e3 * ms / (B * T),
+                             mem_MiB=mem))
+    base = rows[0]["ms"]
+    for r in rows:
+        r["vs_gated"] = r["ms"] / base
+    return rows
+
+
+def print_memories(rows, json_path=None):
+    """One line per (memory, form): ms per call, us per token, time relative to the gated memory's chunked scan."""
+    print(f"{'device':6} {'memory':9} {'form':10} {'B':>3} {'T':>5} {'ms':>9} {'us/token':>9} {'x gated':>8} {'MiB':>7}")
+    for r in rows:
+        mem = "-" if r["mem_MiB"] is None else f"{r['mem_MiB']:.0f}"
+        print(f"{r['device']:6} {r['memory']:9} {r['form']:10} {r['B']:3d} {r['T']:5d} {r['ms']:9.1f} "
+              f"{r['us_per_token']:9.2f} {r['vs_gated']:8.2f} {mem:>7}")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser(description="the whole CRAM forward, routed vs dense")
     ap.add_argument("--n", type=int, default=4096, help="sequence length")
     ap.add_argument("--json", metavar="FILE", help="also write the rows as a JSON list")
+    ap.add_argument("--memories", action="store_true", help="time the working memories instead")
+    ap.add_argument("--batch", type=int, default=16, help="--memories: batch size")
+    ap.add_argument("--len", type=int, default=512, help="--memories: tokens per sequence")
     args = ap.parse_args()
     if torch.cuda.is_available():
         dev, timer = "cuda", gpu_timer
@@ -95,6 +145,10 @@ def main():
     else:
         dev, timer, impls = "cpu", cpu_timer(5), ["twin"]
         torch.set_num_threads(1)  # CPU timings on one thread: repeatable, and fair to both sides
+    if args.memories:
+        print(f"# {dev}: one working-memory layer (n_embd=64, 4 heads, chunk 16), forward + backward, "
+              f"B={args.batch}, T={args.len}, {'bf16 autocast' if dev == 'cuda' else 'fp32, one thread'}")
+        return print_memories(working_memories(dev, timer, args.batch, args.len), args.json)
     print(f"# {dev}: CRAM n_embd=64 H=4 n_layer=2, {'bf16 autocast' if dev == 'cuda' else 'fp32'}, B=1, N={args.n}: attention on every 64th "
           f"token (router_mode=fixed) vs every token (router_mode=always, one SDPA call)")
     print_table([dict(device=dev, **whole_model(dev, timer, impl, args.n)) for impl in impls], args.json)

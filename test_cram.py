@@ -137,19 +137,38 @@ def palimpsa_inputs(B, T, H, D, seed, b_scale=1.0):
 
 
 @given(B=st.integers(1, 2), T=st.integers(1, 37), H=st.integers(1, 3), D=st.sampled_from([1, 3, 4]),
-       chunk=st.integers(1, 16), prior=st.sampled_from([0.5, 1.0, 10.0]), seed=st.integers(0, 2**16))
-@settings(max_examples=20)
-def test_palimpsa_chunked_equals_sequential(B, T, H, D, chunk, prior, seed):
+       chunk=st.integers(1, 16), prior=st.sampled_from([0.5, 1.0, 10.0]), seed=st.integers(0, 2**16),
+       importance=st.booleans(), gap=st.sampled_from([1.0, 300.0]))
+@settings(max_examples=30)
+def test_palimpsa_chunked_equals_sequential(B, T, H, D, chunk, prior, seed, importance, gap):
     """Palimpsa's chunked form (the state scanned in chunks, carried across them) against the
-    token loop: outputs and the gradients of every input, chunk lengths that do and do not divide T."""
+    token loop: outputs and the gradients of every input, chunk lengths that do and do not divide T,
+    with importance and without (b = None: mamba2's attention-like form), and decays of long gaps
+    (log a down to -600) among ordinary ones."""
     x = palimpsa_inputs(B, T, H, D, seed)
+    with torch.no_grad():
+        x[0][:, ::3] *= gap                      # every third step a long gap
+    if not importance:
+        x[3] = None
     w = torch.randn(B, T, H, D, generator=torch.Generator().manual_seed(seed + 1))
     ref = cram.palimpsa_scan_sequential(*x, prior, 0.5)
     out = cram.palimpsa_scan_chunked(*x, prior, 0.5, chunk)
     rel_rms(out, ref, "y")
-    for name, a, r in zip(("log_a", "v", "k", "b", "q"), torch.autograd.grad((out * w).sum(), x),
-                          torch.autograd.grad((ref * w).sum(), x)):
+    names, inputs = zip(*((n, t) for n, t in zip(("log_a", "v", "k", "b", "q"), x) if t is not None))
+    for name, a, r in zip(names, torch.autograd.grad((out * w).sum(), inputs),
+                          torch.autograd.grad((ref * w).sum(), inputs)):
         rel_rms(a, r, f"d{name}")
+
+
+def test_memory_benchmark_times_every_form(tmp_path, capsys):
+    """bench.py --memories runs on a tiny shape: a row per memory and form, printed and written."""
+    import bench
+    rows = bench.working_memories("cpu", bench.cpu_timer(1), 2, 20)
+    assert [(r["memory"], r["form"]) for r in rows] == [(m, f) for m, _ in bench.MEMORY_FORMS
+                                                         for f in ("chunked", "sequential")]
+    assert all(r["ms"] > 0 for r in rows) and rows[0]["vs_gated"] == 1.0
+    bench.print_memories(rows, tmp_path / "rows.json")
+    assert len(json.load(open(tmp_path / "rows.json"))) == 6 and "palimpsa" in capsys.readouterr().out
 
 
 def test_palimpsa_carried_state_is_the_papers_recurrence():
