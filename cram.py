@@ -66,7 +66,9 @@ ROUTER_MODES = {  # the paper's router, its ablations, and three baselines
     "no_q": RouterMode("router", reads_q=False, consolidates=True, spot_checks=True, penalty="q"),
     "no_semantic": RouterMode("router", reads_q=True, consolidates=True, spot_checks=True, penalty="q",
                               semantic=False),
-    "static": RouterMode("router", reads_q=False, consolidates=False, spot_checks=True, penalty="flat"),
+    # the paper's "w/o consolidation"; not static in theory/lower_bound.py's sense: trained with
+    # the model, it has seen the pool (Theorem 2 covers "fixed", "always" and "never" only)
+    "no_consolidation": RouterMode("router", reads_q=False, consolidates=False, spot_checks=True, penalty="flat"),
     "always": RouterMode("all", reads_q=True, consolidates=True, spot_checks=False, penalty="none"),
     "never": RouterMode("none", reads_q=True, consolidates=True, spot_checks=False, penalty="none"),
     "fixed": RouterMode("every_k", reads_q=True, consolidates=True, spot_checks=False, penalty="none"),
@@ -96,7 +98,7 @@ class CramConfig:
                              # 0: none, order comes from working memory (a transformer baseline needs them)
     wm_chunk: int = 16       # chunk length of the parallel scan
     ctrnn_steps: int = 2     # K, Euler steps per token of the paper's update
-    router_mode: str = "learned"  # a row of ROUTER_MODES: learned, no_q, no_semantic, static, always, ...
+    router_mode: str = "learned"  # a row of ROUTER_MODES: learned, no_q, no_semantic, no_consolidation, always, ...
     fixed_every: int = 16    # router_mode="fixed": attention on every k-th token
     tau_start: float = 1.0   # Gumbel-softmax temperature, annealed to tau_end over training
     tau_end: float = 0.3     # the temperature at the end of training

@@ -461,7 +461,7 @@ def test_router_starts_at_attn_prior_and_q_weighted_penalty(penalty_q):
 # ---- attention implementations (cfg.attn_impl) and the window -------------------------------
 
 @pytest.mark.parametrize("impl", ["dense", pytest.param("kernel", marks=needs_triton)])
-@pytest.mark.parametrize("mode", ["learned", "static", "fixed"])
+@pytest.mark.parametrize("mode", ["learned", "no_consolidation", "fixed"])
 def test_attention_impls_equal_the_twin_in_training(impl, mode):
     """The same weights with attn_impl="twin" and `impl` (dense: every query by SDPA, the routed rows
     kept; kernel: Triton under the interpreter, D = 8 a padded tile), in training with the same
@@ -1679,7 +1679,8 @@ def test_theory_zipf_fitted_gamma(s, k, seed):
 
 
 @pytest.mark.parametrize("notebook", ["01_lower_bound.py", "02_consolidation.py", "03_srcd_curves.py",
-                                      "04_srcd_ablations.py", "05_gpt2_redundancy.py", "06_srcd_transfer.py"])
+                                      "04_srcd_ablations.py", "05_gpt2_redundancy.py", "06_srcd_transfer.py",
+                                      "07_mqar.py"])
 def test_theory_notebook_runs(notebook):
     env = dict(os.environ, CRAM_NB_SMALL="1", MPLBACKEND="Agg")
     path = os.path.join(ROOT, "notebooks", notebook)

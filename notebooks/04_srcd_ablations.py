@@ -59,8 +59,8 @@ ROWS = {  # row name: its flags on top of CONFIG
     "no consolidation loss": ["--w_consol=0.0"],
     "no q input": ["--router_mode=no_q"],
     "no semantic tier": ["--router_mode=no_semantic"],
-    "static (w/o consolidation)": ["--router_mode=static"],
-    "static, penalty 0.02": ["--router_mode=static", "--w_compute=0.02"],
+    "no consolidation (the paper's w/o consolidation)": ["--router_mode=no_consolidation"],
+    "no consolidation, penalty 0.02": ["--router_mode=no_consolidation", "--w_compute=0.02"],
     "fixed sparse (every 16th)": ["--router_mode=fixed"],
     "dense hybrid (always)": ["--router_mode=always"],
     "no attention (never)": ["--router_mode=never"],
@@ -69,7 +69,8 @@ ROWS = {  # row name: its flags on top of CONFIG
 # The penalty sweep: three routers at each compute-penalty weight. Their runs at the default weight
 # (0.5) are the table's rows named beside them.
 PENALTIES = [1.0] if SMALL else [0.01, 0.03, 0.1, 0.3, 1.0]
-VARIANTS = {"CRAM": "CRAM (learned)", "flat penalty": "flat penalty", "static": "static (w/o consolidation)"}
+VARIANTS = {"CRAM": "CRAM (learned)", "flat penalty": "flat penalty",
+            "no consolidation": "no consolidation (the paper's w/o consolidation)"}
 SWEEP = {(variant, w): ROWS[row] + [f"--w_compute={w}"] for w in PENALTIES for variant, row in VARIANTS.items()}
 RUNS = dict(ROWS) | {f"{variant}, penalty {w}": flags for (variant, w), flags in SWEEP.items()}
 SWEEP_SEEDS = SEEDS  # the sweep's seeds
@@ -181,7 +182,7 @@ save_figure(fig, "04_srcd_ablations")
 
 # %% [markdown]
 # ## The penalty sweep
-# CRAM, the flat-penalty router and static at each compute-penalty weight (0.5 is the default, the
+# CRAM, the flat-penalty router and no consolidation at each compute-penalty weight (0.5 is the default, the
 # table's rows). Each cell: mean retrieval, mean attention as a multiple of the floor, and how many
 # seeds hold retrieval >= 99.5% at attention <= 1.25x the floor (final evaluation). The plot is the
 # Pareto picture: one point per seed, retrieval against attention, the penalty written beside it.

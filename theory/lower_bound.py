@@ -80,7 +80,7 @@ line attention = bound(1 - accuracy): the brute force below checks that identity
 a generator whose sequences leak whether a query recurs.
 
 What it does not cover: a router trained jointly with the model (router_mode "learned" and
-"static" in cram.py) is fixed only after it has seen the pool, so it is not static in this sense;
+"no_consolidation" in cram.py) is fixed only after it has seen the pool, so it is not static in this sense;
 Theorem 2 says nothing about it. It covers fixed sparse patterns ("fixed"), "always" and "never",
 and any rule decided before the pool is drawn.
 """

@@ -1,0 +1,134 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+# ---
+
+# %% [markdown]
+# # 07 MQAR: Palimpsa, its Mamba2-style special case, attention and the CRAM hybrids
+#
+# Multi-query associative recall as Zoology generates it (data.MQAR): can a layer recall, for each
+# query, the value bound to that key earlier in the same example? Rows, every one 2 layers:
+#
+# - attention: a causal transformer (router_mode=always, no working memory, learned positions; its
+#   consolidation and q-head losses off, so nothing but attention and the MLPs is trained);
+# - mamba2-style and palimpsa: the working memory alone (router_mode=never: no attention);
+# - CRAM hybrids with each working memory (gated, mamba2, palimpsa): the router chooses attention
+#   per token; on MQAR no key recurs across examples, so the attention floor is every query.
+#
+# Columns: (tokens, key-value pairs) in SIZES at d_model in WIDTHS, the accuracy over query
+# positions on train.py's fixed eval batches at the end of the run, beside Zoology's published
+# points. The CPU budget: every run STEPS steps of TOKENS tokens (64 examples of 64 tokens, 32 of
+# 128, 16 of 256), learning rate 1e-3 (cosine to 1e-4), vocabulary VOCAB (Zoology's is 8192: on a
+# CPU its output layer would cost most of a step), JOBS runs at a time on one thread each. The CRAM
+# rows keep attention on every token for the first quarter of the run (--attn_warmup): without it
+# the compute penalty takes attention away within 100 steps, before attention has learned to
+# recall anything. Where this differs from Zoology's harness: batches drawn fresh every step (not a
+# fixed 100k examples iterated in order), a warm-up and gradient clipping (train.py's defaults), a
+# fixed number of steps (not until 0.99), one learning rate (not the best of a sweep), and a
+# batch that shrinks as sequences grow (Zoology's is 64 or more at every size).
+#
+#     python notebooks/07_mqar.py                    # trains what out/notebooks/mqar lacks
+#     CRAM_MQAR_WIDTHS=64 CRAM_MQAR_SIZES=64x4,128x8 python notebooks/07_mqar.py  # a part of it
+#
+# `CRAM_NB_SMALL=1` (the tests) runs every row for a few steps on a tiny config: its numbers mean nothing.
+
+# %%
+import json
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+HERE = os.path.dirname(os.path.abspath(globals().get("__file__", os.path.join(os.getcwd(), "nb"))))
+ROOT = HERE if os.path.isdir(os.path.join(HERE, "theory")) else os.path.dirname(HERE)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "notebooks")]
+
+import runs  # noqa: E402  (notebooks/runs.py)
+
+SMALL = os.environ.get("CRAM_NB_SMALL") == "1"
+OUT = os.path.join(ROOT, "out", "notebooks", "mqar_small" if SMALL else "mqar")
+SIZES = [(16, 2), (32, 4)] if SMALL else [tuple(int(n) for n in s.split("x")) for s in
+                                           os.environ.get("CRAM_MQAR_SIZES", "64x4,128x8,256x16").split(",")]
+WIDTHS = [16] if SMALL else [int(w) for w in os.environ.get("CRAM_MQAR_WIDTHS", "64,128").split(",")]
+STEPS, TOKENS, VOCAB, JOBS = (4, 64, 64, 1) if SMALL else (2000, 4096, 1024, 2)
+WARMUP = STEPS // 4  # CRAM rows: steps of attention on every token before the router is free
+CONFIG = ["--dataset=mqar", "--threads=1", f"--mqar_vocab={VOCAB}", f"--max_iters={STEPS}", "--learning_rate=1e-3",
+          "--min_lr=1e-4", "--eval_interval=" + ("2" if SMALL else "250"), "--log_interval=" + ("2" if SMALL else "100")]
+MODELS = {
+    "attention": ["--router_mode=always", "--wm_kind=none", "--w_consol=0", "--w_qhead=0"],
+    "mamba2-style": ["--router_mode=never", "--wm_kind=mamba2"],
+    "palimpsa": ["--router_mode=never", "--wm_kind=palimpsa"],
+    "CRAM (gated)": ["--wm_kind=gated", f"--attn_warmup={WARMUP}"],
+    "CRAM (mamba2)": ["--wm_kind=mamba2", f"--attn_warmup={WARMUP}"],
+    "CRAM (palimpsa)": ["--wm_kind=palimpsa", f"--attn_warmup={WARMUP}"],
+}
+# Zoology's published accuracies, {(tokens, kv pairs, d_model): {model: accuracy}}.
+REFERENCE = {(128, 8, 64): {"H3": 0.25, "RWKV": 0.18, "BaseConv": 0.37, "Mamba2 (d_state 8)": 0.52},
+             (128, 8, 128): {"H3": 0.72, "RWKV": 0.49, "BaseConv": 0.61},
+             (256, 16, 64): {"BaseConv": 0.15}, (256, 16, 128): {"BaseConv": 0.34}}
+
+# %% [markdown]
+# ## Train what is missing
+
+# %%
+def argv(model, T, kv, d):
+    positions = [f"--n_positions={T}"] if model == "attention" else []
+    return CONFIG + MODELS[model] + positions + [f"--mqar_len={T}", f"--mqar_kv_pairs={kv}", f"--n_embd={d}",
+                                                 f"--window={T}", f"--batch_size={TOKENS // T}"]
+
+
+def cell(key):
+    model, T, kv, d = key
+    path = os.path.join(OUT, f"{model.replace(' ', '_').replace('(', '').replace(')', '')}_{T}_{kv}_d{d}")
+    return key, runs.ensure(path, argv(*key), SMALL, f"{model} ({T}, {kv}) d={d}")
+
+
+keys = [(m, T, kv, d) for (T, kv) in SIZES for d in WIDTHS for m in MODELS]
+with ThreadPoolExecutor(JOBS) as pool:  # each run is its own process on one thread
+    summaries = dict(pool.map(cell, keys))
+
+# %% [markdown]
+# ## The table
+# Accuracy over the query positions at the end of each run; the CRAM rows also show the share of
+# queries / other tokens that ran attention (the floor is every query and no other token).
+
+# %%
+cols = [(T, kv, d) for (T, kv) in SIZES for d in WIDTHS]
+print(f"{STEPS} steps of {TOKENS} tokens (4096 / len examples), vocabulary {VOCAB}, one seed\n")
+print("| model | " + " | ".join(f"({T}, {kv}) d={d}" for T, kv, d in cols) + " |")
+print("|---|" + "---:|" * len(cols))
+rows = {}
+for m in MODELS:
+    rows[m] = {f"{T}_{kv}_{d}": summaries[(m, T, kv, d)] for T, kv, d in cols}
+    fmt = lambda s: f"{s['accuracy']:.3f}" + (f" ({100 * s['attn_query']:.0f}% / {100 * s['attn_other']:.1f}%)"
+                                         if m.startswith("CRAM") else "")
+    print(f"| {m} | " + " | ".join(fmt(summaries[(m, T, kv, d)]) for T, kv, d in cols) + " |")
+for ref in sorted({r for v in REFERENCE.values() for r in v}):
+    print(f"| {ref} (Zoology) | " + " | ".join(str(REFERENCE.get(c, {}).get(ref, "")) for c in cols) + " |")
+os.makedirs(OUT, exist_ok=True)
+with open(os.path.join(OUT, "table.json"), "w") as fh:
+    json.dump({m: {c: {k: s[k] for k in ("accuracy", "attn_query", "attn_other", "attn_frac")} for c, s in r.items()}
+               for m, r in rows.items()}, fh, indent=1)
+
+# %% [markdown]
+# ## Plot: accuracy per model and size
+
+# %%
+import matplotlib.pyplot as plt  # noqa: E402
+
+from theory.figures import save_figure  # noqa: E402
+
+fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.6), sharey=True, squeeze=False)
+for ax, (T, kv, d) in zip(axes[0], cols):
+    ax.barh(list(MODELS), [summaries[(m, T, kv, d)]["accuracy"] for m in MODELS], color="C0")
+    for i, (ref, acc) in enumerate(REFERENCE.get((T, kv, d), {}).items()):
+        ax.axvline(acc, color=f"C{i + 1}", ls=":", label=f"{ref} (Zoology)")
+    ax.set(xlim=(0, 1), xlabel="accuracy", title=f"({T}, {kv}), d={d}")
+    if REFERENCE.get((T, kv, d)):
+        ax.legend(fontsize=6, loc="lower right")
+axes[0][0].invert_yaxis()
+fig.tight_layout()
+save_figure(fig, "07_mqar")
