@@ -90,6 +90,8 @@ class CramConfig:
     window: int = 512        # episodic buffer: a query at t sees keys t-window+1 .. t
     attn_impl: str = "auto"  # how attention runs: auto, twin, kernel or dense (attention_impl);
                              # auto: dense SDPA if every token is routed, on CUDA the kernel, else twin
+    emb_std: float = 0.02    # init std of the token and position embeddings (nanoGPT's 0.02); MQAR
+                             # learns recall sooner with 1.0, PyTorch's default (README, Palimpsa and MQAR)
     sem_rank: int = 0        # semantic memory rank; 0 means d/16 as in the paper
     wm_kind: str = "gated"   # gated (chunked-scan recurrence), ctrnn (CRAM paper's), palimpsa, mamba2, none
     palimpsa_param: str = "code"  # palimpsa/mamba2 gates: "code" (the authors' code) or "paper"
@@ -690,6 +692,9 @@ class CRAM(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.pred_head = nn.Linear(cfg.n_embd, cfg.n_pred) if cfg.n_pred else None
         self.apply(self._init)
+        for emb in (self.tok_emb, self.pos_emb):
+            if emb is not None:
+                nn.init.normal_(emb.weight, std=cfg.emb_std)
 
     @staticmethod
     def _init(m):

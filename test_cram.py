@@ -160,6 +160,16 @@ def test_palimpsa_chunked_equals_sequential(B, T, H, D, chunk, prior, seed, impo
         rel_rms(a, r, f"d{name}")
 
 
+@pytest.mark.parametrize("std", [0.02, 1.0])
+def test_embedding_init_std(std):
+    """--emb_std sets the token and position embeddings' init (MQAR runs at 1.0) and nothing else."""
+    torch.manual_seed(0)
+    model = CRAM(tiny_config(vocab_size=400, n_positions=300, emb_std=std))
+    for emb in (model.tok_emb, model.pos_emb):
+        assert abs(emb.weight.std().item() / std - 1) < 0.05
+    assert abs(model.lm_head.weight.std().item() / 0.02 - 1) < 0.05
+
+
 def test_memory_benchmark_times_every_form(tmp_path, capsys):
     """bench.py --memories runs on a tiny shape: a row per memory and form, printed and written."""
     import bench

@@ -72,12 +72,16 @@ PENALTIES = [1.0] if SMALL else [0.01, 0.03, 0.1, 0.3, 1.0]
 VARIANTS = {"CRAM": "CRAM (learned)", "flat penalty": "flat penalty",
             "no consolidation": "no consolidation (the paper's w/o consolidation)"}
 SWEEP = {(variant, w): ROWS[row] + [f"--w_compute={w}"] for w in PENALTIES for variant, row in VARIANTS.items()}
-RUNS = dict(ROWS) | {f"{variant}, penalty {w}": flags for (variant, w), flags in SWEEP.items()}
-SWEEP_SEEDS = SEEDS  # the sweep's seeds
+# The recurring-share sweep: CRAM at other shares of recurring bindings (0.7 is the default, the
+# table's CRAM row), one seed.
+RECURRING = [0.3, 0.5, 0.9]
+RUNS = (dict(ROWS) | {f"{variant}, penalty {w}": flags for (variant, w), flags in SWEEP.items()}
+        | {f"CRAM, recurring {r}": [f"--srcd_recurring={r}"] for r in RECURRING})
+SWEEP_SEEDS = SEEDS  # the penalty sweep's seeds
 
 
 def seeds_of(row):
-    return SEEDS if row in ROWS else SWEEP_SEEDS
+    return SEEDS if row in ROWS else SEEDS[:1] if "recurring" in row else SWEEP_SEEDS
 
 # %% [markdown]
 # ## Train what is missing
@@ -240,3 +244,36 @@ ax1.set(xscale="log", xlabel="compute-penalty weight w_compute", ylabel="attenti
 ax1.legend(fontsize=8)
 fig.tight_layout()
 save_figure(fig, "04_penalty_sweep")
+
+# %% [markdown]
+# ## The recurring-share sweep
+# CRAM at recurring shares r of 0.3, 0.5, 0.7 (the default) and 0.9, one seed each. If consolidation
+# takes the recurring queries off attention, attention tracks the floor f (1 - r), the novel
+# queries; a router that routes every query pays f whatever r is. The paper says consolidation
+# needs at least 50% recurrence.
+
+# %%
+shares = sorted(RECURRING + [0.7])
+recurring_runs = {r: results["CRAM (learned)"][0] if r == 0.7 else results[f"CRAM, recurring {r}"][0] for r in shares}
+print(f"{STEPS} steps, seed {SEEDS[0]}; every query: {100 * query_rate:.2f}% of tokens\n")
+print("| r | floor f (1 - r) | attention | attention / floor | retrieval | recurring | novel | "
+      "attn recurring | attn novel | attn other | consolidation step |")
+print("|---:|" + "---:|" * 10)
+for r, m in recurring_runs.items():
+    ratio = f"{m['attn'] / m['floor']:.2f}x" if m["floor"] else "-"  # no novel query at all (small mode)
+    share = lambda *keys: [cell([m[k]], True, 2 if k in ("attn", "attn_other") else 1) for k in keys]
+    print(" | ".join(["", str(r), f"{100 * m['floor']:.2f}%", *share("attn"), ratio,
+                      *share("retrieval", "recurring", "novel", "attn_recurring", "attn_novel", "attn_other"),
+                      str(m["consolidation_step"] or "never"), ""]).strip())
+with open(os.path.join(OUT, "recurring.json"), "w") as fh:
+    json.dump({str(r): m for r, m in recurring_runs.items()}, fh, indent=1)
+
+fig, ax = plt.subplots(figsize=(6, 4))
+ax.plot(shares, [100 * recurring_runs[r]["attn"] for r in shares], "o-", label="CRAM, final eval")
+ax.plot(shares, [100 * recurring_runs[r]["floor"] for r in shares], "k:", label="floor f (1 - r)")
+ax.axhline(100 * query_rate, color="gray", ls="--", label="every query (f)")
+ax.set(xlabel="recurring share r", ylabel="share of tokens on attention (%)", ylim=(0, None),
+       title=f"Attention against the recurring share ({STEPS} steps, one seed)")
+ax.legend(fontsize=8)
+fig.tight_layout()
+save_figure(fig, "04_recurring_sweep")
