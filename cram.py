@@ -93,6 +93,7 @@ class CramConfig:
     emb_std: float = 0.02    # init std of the token and position embeddings (nanoGPT's 0.02); MQAR
                              # learns recall sooner with 1.0, PyTorch's default (README, Palimpsa and MQAR)
     sem_rank: int = 0        # semantic memory rank; 0 means d/16 as in the paper
+    mlp: bool = True         # each layer's MLP; False is the paper's layer, the three tiers and the router
     wm_kind: str = "gated"   # gated (chunked-scan recurrence), ctrnn (CRAM paper's), palimpsa, mamba2, none
     palimpsa_param: str = "code"  # palimpsa/mamba2 gates: "code" (the authors' code) or "paper"
     palimpsa_prior: float = 1.0   # I_prior of palimpsa_param="paper" (the code's is fixed at 1)
@@ -373,10 +374,10 @@ def palimpsa_scan_chunked(log_a, v, k, b, q, prior, scale, chunk):
         M_t = sum_{s <= t} W[t, s] v_s k_s^T + exp(L_t) M_start,   L_t = log_a summed to t,
     the same for Ibar with b_s (k_s^2)^T; the chunk's last state starts the next chunk. Every
     token's state is materialised, since mu = M / (Ibar + I_prior) divides entry by entry and has no
-    attention-like form (memory O(T H Dv Dk), the price of metaplasticity in plain PyTorch); chunk
-    by chunk those stay in cache, which measured 3x faster on a CPU than all chunks at once (bench.py
-    --memories). b = None (no importance, mamba2): linear_attention_chunked, which needs no
-    per-token state."""
+    attention-like form (memory O(T H Dv Dk), the price of metaplasticity in plain PyTorch). Chunk
+    by chunk those stay in cache: on a CPU that was 3x faster than all chunks at once, and it beats
+    the token loop (bench.py --memories). b = None (no importance, mamba2): linear_attention_chunked,
+    which needs no per-token state."""
     B, T, H, Dv = v.shape
     Dk = k.shape[-1]
     if b is None:
@@ -612,7 +613,7 @@ class Block(nn.Module):
         h   = x + WM(ln1(x), dtau)                      working memory, every token
         u   = ln2(h);  z = route(u, q_hat(u))           decision over (W, E, S)
         h   = h + z_E r_E(u) + z_S f_sem(u)             W adds nothing beyond working memory
-        out = h + MLP(ln3(h))
+        out = h + MLP(ln3(h))                             (cfg.mlp; else out = h)
     r_E is used only where the router chose E, plus (in training) a spot-check sample whose
     output is not added: z_E = 0 there, but it gives the consolidation targets and, through the
     straight-through z_E, the router's gradient for attention on tokens it did not pick.
@@ -628,7 +629,7 @@ class Block(nn.Module):
         self.episodic = EpisodicMemory(cfg)
         self.semantic = SemanticMemory(cfg)
         self.router = Router(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg) if cfg.mlp else None
 
     def forward(self, x, dtau, tau, mode, losses=True):
         """x: (B, T, d), dtau: (B, T) time gaps, mode: a RouterMode -> (B, T, d), this layer's loss
@@ -646,7 +647,7 @@ class Block(nn.Module):
         r_E = self.episodic(u, ran, all_routed=mode.attention == "all")           # (B, T, d)
         f_sem = self.semantic(u)                                                 # (B, T, d)
         h = h + (z[..., E, None] * r_E + z[..., S, None] * f_sem).to(h.dtype)
-        out = h + self.mlp(self.ln3(h))
+        out = h + self.mlp(self.ln3(h)) if self.mlp is not None else h
         routing = dict(z=z.detach().float(), q_hat=q_hat.detach().float())
         if not losses:  # inference: no consolidation targets to compare, nothing to charge
             return out, {}, routing

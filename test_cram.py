@@ -170,6 +170,17 @@ def test_embedding_init_std(std):
     assert abs(model.lm_head.weight.std().item() / 0.02 - 1) < 0.05
 
 
+def test_without_mlp_the_layer_is_the_three_tiers():
+    """mlp=False (the paper's layer): no MLP parameters, and a forward and backward still run."""
+    cfg = tiny_config(mlp=False)
+    model = CRAM(cfg)
+    assert not [n for n, _ in model.named_parameters() if ".mlp." in n]
+    assert [n for n, _ in CRAM(tiny_config()).named_parameters() if ".mlp." in n]
+    out = model(**random_inputs(cfg, 2, 9), targets=torch.randint(0, cfg.vocab_size, (2, 9)))
+    out["loss"].backward()
+    assert torch.isfinite(out["logits"]).all()
+
+
 def test_memory_benchmark_times_every_form(tmp_path, capsys):
     """bench.py --memories runs on a tiny shape: a row per memory and form, printed and written."""
     import bench

@@ -73,15 +73,16 @@ VARIANTS = {"CRAM": "CRAM (learned)", "flat penalty": "flat penalty",
             "no consolidation": "no consolidation (the paper's w/o consolidation)"}
 SWEEP = {(variant, w): ROWS[row] + [f"--w_compute={w}"] for w in PENALTIES for variant, row in VARIANTS.items()}
 # The recurring-share sweep: CRAM at other shares of recurring bindings (0.7 is the default, the
-# table's CRAM row), one seed.
+# table's CRAM row), one seed. And the paper's layer, without the MLP, for the semantic tier.
 RECURRING = [0.3, 0.5, 0.9]
-RUNS = (dict(ROWS) | {f"{variant}, penalty {w}": flags for (variant, w), flags in SWEEP.items()}
-        | {f"CRAM, recurring {r}": [f"--srcd_recurring={r}"] for r in RECURRING})
+ONE_SEED = {f"CRAM, recurring {r}": [f"--srcd_recurring={r}"] for r in RECURRING} | {
+    "CRAM, no MLP (the paper's layer)": ["--mlp=False"]}
+RUNS = dict(ROWS) | {f"{variant}, penalty {w}": flags for (variant, w), flags in SWEEP.items()} | ONE_SEED
 SWEEP_SEEDS = SEEDS  # the penalty sweep's seeds
 
 
 def seeds_of(row):
-    return SEEDS if row in ROWS else SEEDS[:1] if "recurring" in row else SWEEP_SEEDS
+    return SEEDS if row in ROWS else SEEDS[:1] if row in ONE_SEED else SWEEP_SEEDS
 
 # %% [markdown]
 # ## Train what is missing
@@ -277,3 +278,46 @@ ax.set(xlabel="recurring share r", ylabel="share of tokens on attention (%)", yl
 ax.legend(fontsize=8)
 fig.tight_layout()
 save_figure(fig, "04_recurring_sweep")
+
+# %% [markdown]
+# ## Does semantic memory answer the recurring queries?
+# The paper's story: consolidated recurring queries are routed to S and answered by f_sem. Here,
+# for CRAM as in the table and for the paper's layer (no MLP), one seed each: the share of
+# recurring queries' (token, layer) pairs the router sends to S, and retrieval per class when each
+# layer's f_sem, its MLP, or both are replaced by zeros at evaluation (the router still decides; a
+# token sent to S then gets nothing from it).
+
+# %%
+import contextlib  # noqa: E402
+
+import torch  # noqa: E402
+
+
+def evaluate_without(path, parts):
+    """Evaluate a run's checkpoint on its eval batches with every layer's parts (of semantic, mlp)
+    answering zeros."""
+    run, task, model, _ = train.load_run(path)
+    zero = lambda mod, inp, out: torch.zeros_like(out)
+    hooks = [getattr(b, p).register_forward_hook(zero) for b in model.blocks for p in parts if getattr(b, p) is not None]
+    try:
+        with torch.no_grad():
+            batches = [train.eval_batch(task, run, i) for i in range(run["eval_batches"])]
+            return train.evaluate(model, task, batches, contextlib.nullcontext())
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+print("| model | zeroed at evaluation | retrieval | recurring | novel | recurring on S | recurring on attention |")
+print("|---|---|---:|---:|---:|---:|---:|")
+semantic = []
+for row in ["CRAM (learned)", "CRAM, no MLP (the paper's layer)"]:
+    for parts in [(), ("semantic",), ("mlp",), ("semantic", "mlp")]:
+        if "mlp" in parts and "--mlp=False" in RUNS[row]:
+            continue
+        m = evaluate_without(run_dir(row, SEEDS[0]), parts)
+        semantic.append(dict(row=row, zeroed=parts, **m))
+        print(f"| {row} | {' and '.join(parts) or '-'} | " + " | ".join(cell([m.get(k)], True, 1) for k in
+              ("acc", "acc_recurring", "acc_novel", "sem_recurring", "attn_recurring")) + " |")
+with open(os.path.join(OUT, "semantic.json"), "w") as fh:
+    json.dump(semantic, fh, indent=1)
