@@ -1672,6 +1672,21 @@ def test_theory_closed_form_limit():
     assert math.isclose(late, 0.05 * 0.3 * 2000, rel_tol=1e-9)
 
 
+@pytest.mark.parametrize("n, f, r, P, b", [(20, 0.1, 0.7, 100, 4), (512, 0.05, 0.7, 100, 16), (50, 0.2, 0.3, 7, 1)])
+def test_theory_cumulative_excess_is_finite_and_about_one_query_per_pattern(n, f, r, P, b):
+    """Summed over a long run, the twin's attention beyond the floor converges to the closed form
+    b f n r / (1 - (1 - r/P)^(b f n)), which is >= P and tends to P as a step sees less of the
+    pool; a static scheme's excess b f n r T grows without bound."""
+    T = 20_000
+    spent = theory.cumulative_attention(T, n, f, r, theory.uniform_pool(P), 1, b)
+    excess = spent[-1] - b * f * (1 - r) * n * T
+    closed = theory.at(theory.cumulative_excess(), n=n, f=f, r=r, P=P, b=b)
+    assert math.isclose(excess, closed, rel_tol=1e-6), (excess, closed)
+    assert closed >= P * (1 - 1e-12)
+    assert b * f * n * r * T > 100 * closed                      # static's excess, the same T
+    assert sp.limit(theory.cumulative_excess() / cons.P, cons.P, sp.oo) == 1
+
+
 def test_theory_zipf_gamma_derivation():
     gamma, C = theory.derive_tail()
     s = next(x for x in gamma.free_symbols if x.name == "s")

@@ -88,6 +88,22 @@ print("lim E[attn_t] =", limit, "  static / consolidating ->", ratio)
 print(f"SRCD: static {f:.1%} of tokens, consolidated floor f (1 - r) = {f * (1 - r):.1%}, ratio {1 / (1 - r):.2f}")
 
 # %% [markdown]
+# ## Over a whole run: the attention consolidation costs is bounded
+# Summed over every step, what the consolidating learner spends beyond the floor is a geometric
+# series (k = 1): b f n r / (1 - (1 - r/P)^(b f n)), at least P and about P when a step sees a small
+# share of the pool: one attended query per pattern. A static scheme's excess, b f n r per step,
+# grows without bound.
+
+# %%
+excess = theory.cumulative_excess()
+assert sp.limit(excess / cons.P, cons.P, sp.oo) == 1
+print("sum_t b (E[attn_t] - f (1 - r) n) =", excess)
+for P_, b_ in [(100, 16), (10_000, 16), (100, 1)]:
+    e = theory.at(excess, n=n, f=f, r=r, P=P_, b=b_)
+    print(f"  n = {n}, f = {f}, r = {r}, P = {P_}, b = {b_}: {e:.0f} attended queries beyond the floor in all "
+          f"({e / P_:.2f} per pattern); static: {b_ * f * n * r:.0f} more at every step")
+
+# %% [markdown]
 # ## Simulation against the formula (uniform pool)
 # R independent runs of the learner; at each step the mean attention count of the step's
 # sequences, against the formula, in standard errors.

@@ -40,6 +40,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "notebooks")]
 import data  # noqa: E402
 import runs  # noqa: E402  (notebooks/runs.py)
 import train  # noqa: E402
+import theory  # noqa: E402
 from theory.figures import save_figure  # noqa: E402
 
 SMALL = os.environ.get("CRAM_NB_SMALL") == "1"
@@ -165,6 +166,34 @@ os.makedirs(OUT, exist_ok=True)
 with open(os.path.join(OUT, "table.json"), "w") as fh:
     json.dump(table, fh, indent=1)
 print(f"\nrows as JSON: {os.path.relpath(os.path.join(OUT, 'table.json'), ROOT)}")
+
+# %% [markdown]
+# ## Attention spent over the run
+# The compute a run actually pays is attention summed over its training steps, not the share at
+# the end. Per row: the router's attention share averaged over training (trapezoid over the step-0
+# evaluation and the training steps logged every log_interval; the training spot checks, 3% of the
+# other tokens, are not counted), against the floor. theory.cumulative_excess gives what the
+# theory's consolidating learner (k = 1) spends beyond the floor over an unbounded run.
+
+# %%
+def spent(row, seed):
+    """Mean share of tokens the router sent to attention over the run's training steps."""
+    with open(os.path.join(run_dir(row, seed), "metrics.jsonl")) as fh:
+        rows = [r for r in map(json.loads, fh) if r["kind"] == "train" or r["step"] == 0]
+    steps, attn = zip(*sorted({r["step"]: r["attn_frac"] for r in rows}.items()))
+    return np.trapezoid(attn, steps) / (steps[-1] - steps[0])
+
+
+b_, n_ = train.parse_args(CONFIG)[0]["batch_size"], task.len
+ideal = theory.at(theory.cumulative_excess(), n=n_, f=query_rate, r=task.n_recurring / task.n_query, P=task.pool, b=b_)
+print(f"theory, consolidating learner (k = 1): {ideal:.0f} attended queries beyond the floor over any "
+      f"run, {100 * ideal / (b_ * n_ * STEPS):.4f}% of the {b_ * n_ * STEPS} tokens of {STEPS} steps\n")
+print("| row | attention over training | x floor | attention at the end |")
+print("|---|---:|---:|---:|")
+for row in ROWS:
+    means = [spent(row, seed) for seed in SEEDS]
+    print(f"| {row} | {cell(means, True, 2)} | {np.mean(means) / floor:.1f}x | "
+          f"{cell([m['attn'] for m in results[row]], True, 2)} |")
 
 # %% [markdown]
 # ## Retrieval against attention, every run

@@ -20,7 +20,7 @@ from .instances import BIND, QUERY, SIGNAL, Family, PoolDraws, enumerate_pool_dr
 from .lower_bound import (before_consolidation_bound, brute_force, consolidated_cost, consolidating_route,
                           deployment_bound, deployment_brute_force, deployment_evaluate,
                           deployment_schemes, evaluate, static_schemes)
-from .consolidation import (at, closed_form, closed_form_limit, expected_attention, poisson_form,
-                            simulate, uniform_pool, z_scores)
+from .consolidation import (at, closed_form, closed_form_limit, cumulative_attention, cumulative_excess,
+                            expected_attention, poisson_form, simulate, uniform_pool, z_scores)
 from .zipf import (derive_tail, fit_power_law, frontier, gamma_of_s, power_law_steps, s_of_gamma,
                    tail_asymptote, zipf_pool)

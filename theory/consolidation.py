@@ -17,6 +17,14 @@ Poisson (poisson_form): P(Bin < k) ~ Q(k, r N_t / P), Q(k, x) = Gamma(k, x) / Ga
 Limit (closed_form_limit): for each fixed j, C(N, j) pi^j (1 - pi)^(N - j) -> 0 as N -> oo (a
 polynomial times a decaying exponential) and there are k such terms, so E[attn_t] -> f (1 - r) n.
 A static scheme with delta = 0 pays f n at every step, so static / consolidating -> 1 / (1 - r).
+
+Over a whole run (cumulative_excess, k = 1): the attention a consolidating learner spends beyond the
+floor, summed over every step of b sequences, is a geometric series,
+    sum_{t >= 0} b (E[attn_t] - f (1 - r) n) = b f n r / (1 - rho),   rho = (1 - r/P)^(b f n),
+finite however long the run. Since 1 - (1 - x)^m <= m x it is at least P, and it tends to P when a
+step sees a small share of the pool (r b f n / P -> 0): each pattern costs about one attended query
+before it is consolidated (k in general: cumulative_attention sums the twin). A static scheme at
+delta = 0 spends b f n r beyond the floor at every step: b f n r T over T steps, without bound.
 """
 import functools
 
@@ -51,6 +59,12 @@ def closed_form_limit():
     return sp.simplify(f * n * ((1 - r) + r * sp.Sum(term_limit, (j, 0, k - 1)).doit()))
 
 
+def cumulative_excess():
+    """The attention beyond the floor a consolidating learner (k = 1, uniform pool) spends over an
+    unbounded run, in attended queries: b f n r / (1 - (1 - r/P)^(b f n)) (the module docstring)."""
+    return b * f * n * r / (1 - (1 - r / P) ** (b * f * n))
+
+
 def uniform_pool(P_):
     return np.full(P_, 1.0 / P_)
 
@@ -73,6 +87,12 @@ def expected_attention(steps, n_, f_, r_, p, k_, b_):
     N_t = np.asarray(steps, float)[:, None] * b_ * f_ * n_      # (T, 1) queries seen before step t
     unconsolidated = (p * binom_cdf_below(k_, N_t, r_ * p)).sum(-1)  # (T,) sum_i p_i P(Bin < k)
     return f_ * n_ * ((1 - r_) + r_ * unconsolidated)
+
+
+def cumulative_attention(T, n_, f_, r_, p, k_, b_):
+    """Attended queries over steps 0 .. T-1 of b sequences each, sum_t b E[attn_t] (the twin of
+    cumulative_excess plus the floor, for any pool and k). Returns (T,): the running total."""
+    return b_ * np.cumsum(expected_attention(np.arange(T), n_, f_, r_, p, k_, b_))
 
 
 def simulate(n_, f_, r_, p, k_, b_, steps, replicas=1, seed=0):
