@@ -693,9 +693,10 @@ class CRAM(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.pred_head = nn.Linear(cfg.n_embd, cfg.n_pred) if cfg.n_pred else None
         self.apply(self._init)
-        for emb in (self.tok_emb, self.pos_emb):
-            if emb is not None:
-                nn.init.normal_(emb.weight, std=cfg.emb_std)
+        with torch.no_grad():  # scaled, not redrawn: the default draws the same numbers as before
+            for emb in (self.tok_emb, self.pos_emb):
+                if emb is not None:
+                    emb.weight.mul_(cfg.emb_std / 0.02)
 
     @staticmethod
     def _init(m):
