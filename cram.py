@@ -11,9 +11,10 @@ consolidation loss, the q input and the semantic tier can each be removed withou
 q-weighted penalty's role there is to keep the router from shutting attention off.
 
 Classes, leaf first as in nanoGPT: CramConfig; RouterMode and the ROUTER_MODES table; the
-kernels' plain twins (routed_attention, gated_scan_sequential / gated_scan_chunked); the tiers
-GatedCTMemory / CTRNNMemory (working), EpisodicMemory, SemanticMemory; Router; Block; CRAM
-(embedding, layers, heads, losses); routing_stats and class_stats (tensors, read on log steps).
+kernels' plain twins (routed_attention, gated_scan_sequential / gated_scan_chunked, the Palimpsa
+scans); the tiers GatedCTMemory / CTRNNMemory / PalimpsaMemory (working), EpisodicMemory,
+SemanticMemory; Router; Block; CRAM (embedding, layers, heads, losses); routing_stats and
+class_stats (tensors, read on log steps).
 
     model = CRAM(CramConfig())                          # a token model: (B, T) ids -> logits
     out = model(tokens, targets=targets)                # out["loss"], out["terms"], out["routing"]
@@ -30,6 +31,8 @@ Glossary, code name -> paper symbol -> DESIGN.md:
     z              the router's straight-through one-hot decision over (W, E, S)  (sec. 3)
     eps            spot-check rate: extra attention targets during training   (sec. 4.2)
     attn_frac      share of tokens that used attention in at least one layer  (sec. 5)
+    PalimpsaMemory M_t = a_t M_{t-1} + v_t k_t^T, Ibar_t = a_t Ibar_{t-1} + b_t (k_t^2)^T,
+                   mu_t = M_t / (Ibar_t + I_prior), y_t = mu_t q_t; b = 0 is Mamba2-style  (sec. 8)
 """
 import functools
 import math
