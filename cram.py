@@ -94,7 +94,7 @@ class CramConfig:
     attn_impl: str = "auto"  # how attention runs: auto, twin, kernel or dense (attention_impl);
                              # auto: dense SDPA if every token is routed, on CUDA the kernel, else twin
     emb_std: float = 0.02    # init std of the token and position embeddings (nanoGPT's 0.02); MQAR
-                             # learns recall sooner with 1.0, PyTorch's default (README, Palimpsa and MQAR)
+                             # needs 1.0, PyTorch's default, to learn recall on a CPU budget (README, MQAR)
     sem_rank: int = 0        # semantic memory rank; 0 means d/16 as in the paper
     mlp: bool = True         # each layer's MLP; False is the paper's layer, the three tiers and the router
     wm_kind: str = "gated"   # gated (chunked-scan recurrence), ctrnn (CRAM paper's), palimpsa, mamba2, none
@@ -378,9 +378,9 @@ def palimpsa_scan_chunked(log_a, v, k, b, q, prior, scale, chunk):
     the same for Ibar with b_s (k_s^2)^T; the chunk's last state starts the next chunk. Every
     token's state is materialised, since mu = M / (Ibar + I_prior) divides entry by entry and has no
     attention-like form (memory O(T H Dv Dk), the price of metaplasticity in plain PyTorch). Chunk
-    by chunk those stay in cache: on a CPU that was 3x faster than all chunks at once, and it beats
-    the token loop (bench.py --memories). b = None (no importance, mamba2): linear_attention_chunked,
-    which needs no per-token state."""
+    by chunk those states stay in cache, which is what makes this form beat the token loop on a CPU
+    (bench.py --memories). b = None (no importance, mamba2): linear_attention_chunked, which needs no
+    per-token state."""
     B, T, H, Dv = v.shape
     Dk = k.shape[-1]
     if b is None:
@@ -415,7 +415,7 @@ def linear_attention_chunked(log_a, v, k, q, chunk):
     y = ((q @ k.transpose(-1, -2)) * W) @ v                                # within the chunk
     ends = (v * W[..., -1, :, None]).transpose(-1, -2) @ k                 # (B, n, H, Dv, Dk): a chunk's own state
     flat = lambda x: x.transpose(1, 2).reshape(B * H, n, -1)
-    start = doubling_scan(flat(L[..., -1, None, None].expand_as(ends)), flat(ends))  # start_{j+1} = a start_j + ends_j
+    start = doubling_scan(flat(L[..., -1, None]), flat(ends))            # start_{j+1} = a_j start_j + ends_j
     start = F.pad(start, (0, 0, 1, 0))[:, :-1].view(B, H, n, *ends.shape[-2:]).transpose(1, 2)  # entering chunk j
     y = y + L.exp()[..., None] * (q @ start.transpose(-1, -2))             # from earlier chunks
     return y.transpose(2, 3).reshape(B, n * chunk, H, Dv)[:, :T]
@@ -495,10 +495,9 @@ class PalimpsaMemory(nn.Module):
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         log_a, v_scale, b = self.gates(x, dtau)
         scale = self.D ** -0.5 if self.param == "code" else 1.0
-        if scan is None:
-            y = palimpsa_scan_chunked(log_a, v * v_scale, k, b, q, self.prior, scale, self.chunk)
-        else:
-            y = scan(log_a, v * v_scale, k, b, q, self.prior, scale)
+        scan = scan or functools.partial(palimpsa_scan_chunked, chunk=self.chunk)
+        with torch.autocast(x.device.type, enabled=False):  # fp32 states: autocast would run the
+            y = scan(log_a, v * v_scale, k, b, q, self.prior, scale)  # chunks' matmuls in bf16
         return self.out_proj((y.reshape(B, T, d) * F.silu(g.float())).to(x.dtype))
 
 
@@ -625,7 +624,8 @@ class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.ln1, self.ln2, self.ln3 = (nn.LayerNorm(cfg.n_embd) for _ in range(3))
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
+        self.ln3 = nn.LayerNorm(cfg.n_embd) if cfg.mlp else None
         self.wm = {"gated": lambda: GatedCTMemory(cfg), "ctrnn": lambda: CTRNNMemory(cfg),
                    "palimpsa": lambda: PalimpsaMemory(cfg), "mamba2": lambda: PalimpsaMemory(cfg, metaplastic=False),
                    "none": lambda: None}[cfg.wm_kind]()

@@ -177,7 +177,8 @@ print(f"\nrows as JSON: {os.path.relpath(os.path.join(OUT, 'table.json'), ROOT)}
 
 # %%
 def spent(row, seed):
-    """Mean share of tokens the router sent to attention over the run's training steps."""
+    """The router's attention share over the run: a trapezoid over the step-0 evaluation and the
+    one training batch logged every log_interval steps."""
     with open(os.path.join(run_dir(row, seed), "metrics.jsonl")) as fh:
         rows = [r for r in map(json.loads, fh) if r["kind"] == "train" or r["step"] == 0]
     steps, attn = zip(*sorted({r["step"]: r["attn_frac"] for r in rows}.items()))
@@ -186,8 +187,8 @@ def spent(row, seed):
 
 b_, n_ = train.parse_args(CONFIG)[0]["batch_size"], task.len
 ideal = theory.at(theory.cumulative_excess(), n=n_, f=query_rate, r=task.n_recurring / task.n_query, P=task.pool, b=b_)
-print(f"theory, consolidating learner (k = 1): {ideal:.0f} attended queries beyond the floor over any "
-      f"run, {100 * ideal / (b_ * n_ * STEPS):.4f}% of the {b_ * n_ * STEPS} tokens of {STEPS} steps\n")
+print(f"theory, consolidating learner (k = 1): at most {ideal:.0f} attended queries beyond the floor "
+      f"over any run, {100 * ideal / (b_ * n_ * STEPS):.4f}% of the {b_ * n_ * STEPS} tokens of {STEPS} steps\n")
 print("| row | attention over training | x floor | attention at the end |")
 print("|---|---:|---:|---:|")
 for row in ROWS:
@@ -283,8 +284,9 @@ save_figure(fig, "04_penalty_sweep")
 # needs at least 50% recurrence.
 
 # %%
-shares = sorted(RECURRING + [0.7])
-recurring_runs = {r: results["CRAM (learned)"][0] if r == 0.7 else results[f"CRAM, recurring {r}"][0] for r in shares}
+default_r = train.parse_args(CONFIG)[0]["srcd_recurring"]  # the table's CRAM row
+shares = sorted(RECURRING + [default_r])
+recurring_runs = {r: results["CRAM (learned)" if r == default_r else f"CRAM, recurring {r}"][0] for r in shares}
 print(f"{STEPS} steps, seed {SEEDS[0]}; every query: {100 * query_rate:.2f}% of tokens\n")
 print("| r | floor f (1 - r) | attention | attention / floor | retrieval | recurring | novel | "
       "attn recurring | attn novel | attn other | consolidation step |")
@@ -327,7 +329,7 @@ def evaluate_without(path, parts):
     answering zeros."""
     run, task, model, _ = train.load_run(path)
     zero = lambda mod, inp, out: torch.zeros_like(out)
-    hooks = [getattr(b, p).register_forward_hook(zero) for b in model.blocks for p in parts if getattr(b, p) is not None]
+    hooks = [getattr(b, p).register_forward_hook(zero) for b in model.blocks for p in parts]
     try:
         with torch.no_grad():
             batches = [train.eval_batch(task, run, i) for i in range(run["eval_batches"])]
@@ -345,6 +347,8 @@ for row in ["CRAM (learned)", "CRAM, no MLP (the paper's layer)"]:
         if "mlp" in parts and "--mlp=False" in RUNS[row]:
             continue
         m = evaluate_without(run_dir(row, SEEDS[0]), parts)
+        if not parts:  # the hooks' evaluation is the run's own final one
+            assert abs(m["acc"] - results[row][0]["retrieval"]) < 1e-6, (row, m["acc"])
         semantic.append(dict(row=row, zeroed=parts, **m))
         print(f"| {row} | {' and '.join(parts) or '-'} | " + " | ".join(cell([m.get(k)], True, 1) for k in
               ("acc", "acc_recurring", "acc_novel", "sem_recurring", "attn_recurring")) + " |")

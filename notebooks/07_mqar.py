@@ -101,7 +101,7 @@ with ThreadPoolExecutor(JOBS) as pool:  # each run is its own process on one thr
 
 # %%
 cols = [(T, kv, d) for (T, kv) in SIZES for d in WIDTHS]
-print(f"{STEPS} steps of {TOKENS} tokens (4096 / len examples), vocabulary {VOCAB}, one seed\n")
+print(f"{STEPS} steps of {TOKENS} tokens ({TOKENS} / len examples), vocabulary {VOCAB}, one seed\n")
 print("| model | " + " | ".join(f"({T}, {kv}) d={d}" for T, kv, d in cols) + " |")
 print("|---|" + "---:|" * len(cols))
 rows = {}
