@@ -7,8 +7,9 @@ a window (tier E, episodic) or the output of a small low-rank MLP (tier S, seman
 design: a consolidation loss distils attention's answers into the MLP, so recurring retrievals stop
 needing attention during training. Attention is computed only for the tokens routed to it. What
 the SRCD ablations show (README, "What makes attention fall"): the fall happens, but the
-consolidation loss, the q input and the semantic tier can each be removed without loss; the
-q-weighted penalty's role there is to keep the router from shutting attention off.
+consolidation loss, the q input and the semantic tier can each be removed without loss, no
+recurring query is answered by semantic memory, and the q-weighted penalty's role there is to keep
+the router from shutting attention off.
 
 Classes, leaf first as in nanoGPT: CramConfig; RouterMode and the ROUTER_MODES table; the
 kernels' plain twins (routed_attention, gated_scan_sequential / gated_scan_chunked, the Palimpsa
@@ -538,7 +539,11 @@ class EpisodicMemory(nn.Module):
 
 
 class SemanticMemory(nn.Module):
-    """f_sem: a low-rank MLP, d -> rank (= d/16) -> d, trained toward sg(r_E) by consolidation."""
+    """f_sem: a low-rank MLP, d -> rank (= d/16) -> d, trained toward sg(r_E) by consolidation.
+    Kept as the default tier although on SRCD it answers nothing: no recurring query is routed to
+    it, with or without the MLPs (mlp=False), because a recurring key there is one token id and the
+    embedding with the output head is already a lookup table for it (README, "Where recurring
+    queries are answered")."""
 
     def __init__(self, cfg):
         super().__init__()
