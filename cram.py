@@ -94,8 +94,8 @@ class CramConfig:
     window: int = 512        # episodic buffer: a query at t sees keys t-window+1 .. t
     attn_impl: str = "auto"  # how attention runs: auto, twin, kernel or dense (attention_impl);
                              # auto: dense SDPA if every token is routed, on CUDA the kernel, else twin
-    emb_std: float = 0.02    # init std of the token and position embeddings (nanoGPT's 0.02); MQAR
-                             # needs 1.0, PyTorch's default, to learn recall on a CPU budget (README, MQAR)
+    emb_std: float = 0.02    # init std of the token and position embeddings (nanoGPT's 0.02); MQAR needs
+                             # 1.0, PyTorch's default, to learn recall on a CPU budget (README, MQAR table)
     sem_rank: int = 0        # semantic memory rank; 0 means d/16 as in the paper
     mlp: bool = True         # each layer's MLP; False is the paper's layer, the three tiers and the router
     wm_kind: str = "gated"   # gated (chunked-scan recurrence), ctrnn (CRAM paper's), palimpsa, mamba2, none

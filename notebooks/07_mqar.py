@@ -20,20 +20,20 @@
 #   per token; on MQAR no key recurs across examples, so the attention floor is every query.
 #
 # Columns: (tokens, key-value pairs) in SIZES at d_model in WIDTHS, the accuracy over query
-# positions on train.py's fixed eval batches at the end of the run, beside published points. The CPU budget: every run STEPS steps of TOKENS tokens (64 examples of 64 tokens, 32 of
-# 128, 16 of 256: the same 256 labelled queries a step), train.py's learning rate schedule,
-# a vocabulary of twice the length (Zoology's is 8192, and its generator needs more than the
-# length: on a CPU an 8192-way output layer would cost most of a step), JOBS runs at a time on
-# one thread each. Every row starts its embeddings at std 1 (--emb_std=1.0,
-# PyTorch's default) instead of nanoGPT's 0.02: with 0.02 attention sat at 26% (picking one of the
-# example's values at random) for all of 2000 steps, with 1.0 it recalled every query by step 1750
-# (README, Palimpsa and MQAR). The CRAM
-# rows keep attention on every token for the first quarter of the run (--attn_warmup): without it
-# the compute penalty takes attention away within 100 steps, before attention has learned to
-# recall anything. Where this differs from Zoology's harness: batches drawn fresh every step (not a
-# fixed 100k examples iterated in order), a warm-up and gradient clipping (train.py's defaults), a
-# fixed number of steps (not until 0.99), one learning rate (not the best of a sweep), and a
-# batch that shrinks as sequences grow (Zoology's is 64 or more at every size).
+# positions on train.py's fixed eval batches at the end of the run, beside published points.
+# The CPU budget: every run STEPS steps of TOKENS tokens (64 examples of 64 tokens, 32 of 128, 16
+# of 256: the same 256 labelled queries a step), train.py's learning-rate schedule, a vocabulary of
+# twice the length (Zoology's is 8192, and its generator needs more than the length; on a CPU an
+# 8192-way output layer would cost most of a step), JOBS runs at a time on one thread each.
+# Every row starts its embeddings at std 1 (--emb_std=1.0, PyTorch's default) instead of nanoGPT's
+# 0.02: with 0.02 attention sat at 26% (one of the example's values at random) for all 2000 steps,
+# with 1.0 it recalled every query by step 1500. The CRAM rows keep attention on every token for
+# the first quarter of the run (--attn_warmup): without it the compute penalty takes attention away
+# within 100 steps, before attention has learned to recall anything (README, "The MQAR table",
+# gives the commands for both). Where this differs from Zoology's harness: batches drawn fresh
+# every step (not a fixed 100k examples iterated in order), a warm-up and gradient clipping
+# (train.py's defaults), a fixed number of steps (not until 0.99), one learning rate (not the best
+# of a sweep), and a batch that shrinks as sequences grow (Zoology's is 64 or more at every size).
 #
 #     python notebooks/07_mqar.py                    # trains what out/notebooks/mqar lacks
 #     CRAM_MQAR_WIDTHS=64 CRAM_MQAR_SIZES=64x4,128x8 python notebooks/07_mqar.py  # a part of it
