@@ -186,7 +186,8 @@ def spent(row, seed):
 
 
 b_, n_ = train.parse_args(CONFIG)[0]["batch_size"], task.len
-ideal = theory.at(theory.cumulative_excess(), n=n_, f=query_rate, r=task.n_recurring / task.n_query, P=task.pool, b=b_)
+ideal = theory.at(theory.cumulative_excess(), n=n_, f=query_rate, r=task.n_recurring / task.n_query, P=task.pool,
+                  b=b_)
 print(f"theory, consolidating learner (k = 1): at most {ideal:.0f} attended queries beyond the floor "
       f"over any run, {100 * ideal / (b_ * n_ * STEPS):.4f}% of the {b_ * n_ * STEPS} tokens of {STEPS} steps\n")
 print("| row | attention over training | x floor | attention at the end |")
@@ -217,10 +218,11 @@ save_figure(fig, "04_srcd_ablations")
 
 # %% [markdown]
 # ## The penalty sweep
-# CRAM, the flat-penalty router and no consolidation at each compute-penalty weight (0.5 is the default, the
-# table's rows). Each cell: mean retrieval, mean attention as a multiple of the floor, and how many
-# seeds hold retrieval >= 99.5% at attention <= 1.25x the floor (final evaluation). The plot is the
-# Pareto picture: one point per seed, retrieval against attention, the penalty written beside it.
+# CRAM, the flat-penalty router and no consolidation at each compute-penalty weight (0.5 is the
+# default, the table's rows). Each cell: mean retrieval, mean attention as a multiple of the floor,
+# and how many seeds hold retrieval >= 99.5% at attention <= 1.25x the floor (final evaluation).
+# The plot is the Pareto picture: one point per seed, retrieval against attention, the penalty
+# written beside it.
 
 # %%
 weights = sorted(PENALTIES + [0.5])
