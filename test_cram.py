@@ -11,6 +11,7 @@ import inspect
 import json
 import math
 import os
+import re
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported, by kernel or anything else
 import subprocess
@@ -1153,7 +1154,9 @@ def assert_same_training(path_a, path_b):
 def torchrun(args, n=2):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
                         "train.py", *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    # the ranks' own error lines first: torchrun's summary of a failed rank fills the tail of stderr
+    clues = [line for line in r.stderr.splitlines() if re.search(r"terminate|what\(\)|Error|abort|Traceback", line)]
+    assert r.returncode == 0, "\n".join(clues[:20]) + "\n...\n" + r.stderr[-1500:]
     return r.stdout
 
 
