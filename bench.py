@@ -94,7 +94,7 @@ MEMORY_FORMS = [("gated", cram.gated_scan_sequential), ("palimpsa", cram.palimps
 
 def working_memories(device, timer, B, T):
     """Forward + backward of one working-memory layer (SRCD's default width: n_embd 64, 4 heads,
-    chunk 16) on (B, T) tokens, chunked and sequential, in microseconds per token."""
+    chunk 16) on (B, T) tokens, chunked and sequential: a row each, ms per call and us per token."""
     cuda = device.startswith("cuda")
     autocast = torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext()
     rows = []
@@ -138,6 +138,8 @@ def main():
     ap.add_argument("--batch", type=int, default=16, help="--memories: batch size")
     ap.add_argument("--len", type=int, default=512, help="--memories: tokens per sequence")
     args = ap.parse_args()
+    if min(args.n, args.batch, args.len) < 1:
+        ap.error("--n, --batch and --len take positive ints")
     if torch.cuda.is_available():
         dev, timer = "cuda", gpu_timer
         impls = ["twin"] + (["kernel"] if cram.triton_attention() else [])

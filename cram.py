@@ -139,6 +139,7 @@ class CramConfig:
             ("wm_kind", self.wm_kind in WM_KINDS, f"one of {WM_KINDS}"),
             ("palimpsa_param", self.palimpsa_param in PALIMPSA_PARAMS, f"one of {PALIMPSA_PARAMS}"),
             ("palimpsa_prior", self.palimpsa_prior > 0, "> 0"),
+            ("emb_std", self.emb_std > 0, "> 0 (0.02 nanoGPT's, 1.0 PyTorch's)"),
             ("wm_chunk", self.wm_chunk > 0, "a positive int"),
             ("n_positions", self.n_positions >= 0, ">= 0"),
             ("ctrnn_steps", self.ctrnn_steps > 0, "a positive int"),
@@ -620,7 +621,7 @@ class Block(nn.Module):
         h   = x + WM(ln1(x), dtau)                      working memory, every token
         u   = ln2(h);  z = route(u, q_hat(u))           decision over (W, E, S)
         h   = h + z_E r_E(u) + z_S f_sem(u)             W adds nothing beyond working memory
-        out = h + MLP(ln3(h))                             (cfg.mlp; else out = h)
+        out = h + MLP(ln3(h))                             (without cfg.mlp: out = h)
     r_E is used only where the router chose E, plus (in training) a spot-check sample whose
     output is not added: z_E = 0 there, but it gives the consolidation targets and, through the
     straight-through z_E, the router's gradient for attention on tokens it did not pick.

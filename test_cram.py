@@ -175,10 +175,11 @@ def test_embedding_init_std_scales_the_default_draw():
 
 
 def test_without_mlp_the_layer_is_the_three_tiers():
-    """mlp=False (the paper's layer): no MLP parameters, and a forward and backward still run."""
+    """mlp=False (the paper's layer): no MLP and no LayerNorm in front of it, and a forward and
+    backward still run."""
     cfg = tiny_config(mlp=False)
     model = CRAM(cfg)
-    assert not [n for n, _ in model.named_parameters() if ".mlp." in n]
+    assert not [n for n, _ in model.named_parameters() if ".mlp." in n or ".ln3." in n]
     assert [n for n, _ in CRAM(tiny_config()).named_parameters() if ".mlp." in n]
     out = model(**random_inputs(cfg, 2, 9), targets=torch.randint(0, cfg.vocab_size, (2, 9)))
     out["loss"].backward()
@@ -885,7 +886,8 @@ def test_bad_settings_raise_one_clear_error(tmp_path, argv, words):
 
 def test_bad_config_values_raise_config_error():
     for kw, words in [(dict(n_head=0), "n_head"), (dict(n_embd="64"), "expected int"),
-                      (dict(penalty_q=1), "expected bool"), (dict(sem_rank=-1), "sem_rank")]:
+                      (dict(penalty_q=1), "expected bool"), (dict(sem_rank=-1), "sem_rank"),
+                      (dict(emb_std=0.0), "emb_std")]:
         with pytest.raises(ConfigError, match=words):
             CramConfig(**kw)
 

@@ -54,9 +54,13 @@ import runs  # noqa: E402  (notebooks/runs.py)
 
 SMALL = os.environ.get("CRAM_NB_SMALL") == "1"
 OUT = os.path.join(ROOT, "out", "notebooks", "mqar_small" if SMALL else "mqar")
-SIZES = [(16, 2), (32, 4)] if SMALL else [tuple(int(n) for n in s.split("x")) for s in
-                                           os.environ.get("CRAM_MQAR_SIZES", "64x4,128x8,256x16").split(",")]
-WIDTHS = [16] if SMALL else [int(w) for w in os.environ.get("CRAM_MQAR_WIDTHS", "64,128").split(",")]
+try:
+    SIZES = [(16, 2), (32, 4)] if SMALL else [tuple(int(n) for n in s.split("x")) for s in
+                                               os.environ.get("CRAM_MQAR_SIZES", "64x4,128x8,256x16").split(",")]
+    WIDTHS = [16] if SMALL else [int(w) for w in os.environ.get("CRAM_MQAR_WIDTHS", "64,128").split(",")]
+    assert all(len(s) == 2 for s in SIZES)
+except (ValueError, AssertionError):
+    sys.exit("CRAM_MQAR_SIZES takes tokens x pairs, comma-separated (64x4,128x8), CRAM_MQAR_WIDTHS ints (64,128)")
 STEPS, TOKENS, JOBS = (4, 64, 1) if SMALL else (2000, 4096, 2)
 WARMUP = STEPS // 4  # CRAM rows: steps of attention on every token before the router is free
 CONFIG = ["--dataset=mqar", "--threads=1", f"--max_iters={STEPS}", "--emb_std=1.0",
