@@ -32,7 +32,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from cram import ConfigError, class_stats
+from cram import ConfigError, attended, class_stats
 
 
 @dataclass
@@ -159,13 +159,18 @@ class SRCD:
         return dict(recurring=recurring, novel=query & ~recurring, other=~query)
 
     def metrics(self, out, batch):
-        """Retrieval accuracy over all queries and per class (acc, acc_recurring, acc_novel) and
-        routing per class (cram.class_stats); the dynamics MSE is the loss term mse."""
+        """Retrieval accuracy over all queries and per class (acc, acc_recurring, acc_novel),
+        routing per class (cram.class_stats), and open_recurring: the share of recurring queries
+        not answered right without attention (on attention, or wrong), the theory's unconsolidated
+        mass U measured whatever the router does. The dynamics MSE is the loss term mse."""
         hit = (out["logits"].argmax(-1) == batch["targets"]).float()
         classes = self.classes(batch["tokens"])
         m = {"acc": (hit * (batch["targets"] >= 0)).sum() / (batch["targets"] >= 0).sum()}
         for name in ("recurring", "novel"):
             m[f"acc_{name}"] = (hit * classes[name]).sum() / classes[name].sum()
+        rec = classes["recurring"].float()
+        consolidated = (1 - attended(out["routing"]["z"])) * hit  # answered right, attention unused
+        m["open_recurring"] = 1 - (consolidated * rec).sum() / rec.sum()
         return {**m, **class_stats(out["routing"], classes)}
 
     def describe(self):
@@ -178,7 +183,8 @@ class SRCD:
         g = lambda k: m.get(k, float("nan"))
         return (f"acc {g('acc'):.4f} (rec {g('acc_recurring'):.4f} nov {g('acc_novel'):.4f}) | "
                 f"attn rec {100 * g('attn_recurring'):.1f}% nov {100 * g('attn_novel'):.1f}% "
-                f"other {100 * g('attn_other'):.2f}% | q rec {g('q_recurring'):.2f} nov {g('q_novel'):.2f}")
+                f"other {100 * g('attn_other'):.2f}% | open rec {100 * g('open_recurring'):.1f}% | "
+                f"q rec {g('q_recurring'):.2f} nov {g('q_novel'):.2f}")
 
     def plot(self, rows, out, batch, path):
         """curves.png of a run: attention share per class with q_hat per class, and retrieval per

@@ -38,6 +38,7 @@ except ImportError:  # no triton (it has wheels for Linux only): the kernel test
     kernel = None
 from theory import consolidation as cons
 from theory import lower_bound as lb
+from theory import srcd_fit
 
 needs_triton = pytest.mark.skipif(kernel is None, reason="triton is not installed (Linux only)")
 settings.register_profile("ci", deadline=None, derandomize=True, database=None, max_examples=15)
@@ -688,6 +689,27 @@ def test_srcd_invariants(n, query, recurring, seed, shared, zipf):
     assert (batch["dtau"] > 0).all() and torch.isfinite(batch["pred_targets"]).all()
 
 
+def test_srcd_open_recurring_is_attended_or_wrong():
+    """open_recurring, the theory's unconsolidated mass: a recurring query counts unless it was
+    answered right with attention unused in every layer; other classes never count."""
+    task = srcd(srcd_len=64, srcd_pool=10, srcd_novel_keys=20, srcd_values=8)
+    batch = task.batch(3, np.random.default_rng(0))
+    rng = np.random.default_rng(1)
+    B, T = batch["targets"].shape
+    guess = torch.from_numpy(rng.integers(task.vocab_size, size=(B, T)))
+    right = torch.from_numpy(rng.random((B, T)) < 0.6)
+    answer = torch.where(right & (batch["targets"] >= 0), batch["targets"], guess)
+    tier = torch.from_numpy(rng.integers(3, size=(2, B, T)))  # (layers, B, T): W, E or S
+    out = dict(logits=F.one_hot(answer, task.vocab_size).float(),
+               routing=dict(z=F.one_hot(tier, 3).float(), q_hat=torch.zeros(2, B, T)))
+    rec = task.classes(batch["tokens"])["recurring"].numpy()
+    hit = (answer == batch["targets"]).numpy()
+    attended_any = (tier.numpy() == cram.E).any(0)
+    expected = (~hit | attended_any)[rec].mean()
+    assert 0 < expected < 1
+    assert task.metrics(out, batch)["open_recurring"].item() == pytest.approx(expected)
+
+
 def test_srcd_recurring_keys_keep_their_value_and_novel_ones_do_not():
     task = srcd()
     batch = task.batch(64, np.random.default_rng(0))
@@ -756,7 +778,6 @@ def test_srcd_zipf_pool_frequencies():
     freq = np.array([(queried == key).mean() for key in task.pool_keys])
     want = np.arange(1, 21) ** -1.5 / (np.arange(1, 21) ** -1.5).sum()
     assert np.abs(freq - want).max() < 0.01 and freq[0] > 3 * freq[4], (freq[:5], want[:5])
-    from theory import srcd_fit
     assert np.allclose(srcd_fit.srcd_params(dict(train.DEFAULTS, srcd_zipf=1.5, srcd_pool=20))["p"], want)
     assert np.allclose(srcd().pool_p, 0.01)  # the default pool stays uniform
     with pytest.raises(ConfigError, match="srcd_zipf"):
@@ -1734,9 +1755,46 @@ def test_theory_zipf_fitted_gamma(s, k, seed):
     assert abs(fitted - theory.gamma_of_s(s)) < 0.03, (fitted, theory.gamma_of_s(s))
 
 
+@pytest.mark.parametrize("s", [1.5, 3.0])
+def test_theory_power_law_window_finds_the_zipf_range_and_nothing_else(s):
+    """unconsolidated_mass is the theory's expectation (the binomial one where r p_i is small), and
+    power_law_window finds where its local slope is 1 - 1/s: decades for a Zipf pool, none for a
+    uniform one or for the wrong exponent."""
+    P, k = 5600, 20
+    p = theory.zipf_pool(P, s)
+    M = np.array([1e3, 1e5])
+    binomial = (p * cons.binom_cdf_below(k, M[:, None] / 0.05, 0.05 * p)).sum(-1)  # r = 0.05: N = M / r
+    assert np.allclose(theory.unconsolidated_mass(M, p, k), binomial, rtol=0.02)
+    M_lo, M_hi, U_lo, U_hi = theory.power_law_window(p, s, k)
+    assert np.log10(M_hi / M_lo) > 1.5 and U_lo > U_hi
+    assert math.isclose(U_lo, theory.unconsolidated_mass([M_lo], p, k)[0])
+    mid = np.sqrt(M_lo * M_hi) * np.array([1.0, 1.01])  # inside, the local slope is gamma
+    U = theory.unconsolidated_mass(mid, p, k)
+    assert abs(-np.diff(np.log(U))[0] / np.log(1.01) - theory.gamma_of_s(s)) <= 0.05
+    assert theory.power_law_window(theory.uniform_pool(100), s, k) is None
+    for off in (-0.15, 0.15):  # an exponent 0.15 away is crossed (as the law bends at the pool's
+        wrong_s = theory.s_of_gamma(theory.gamma_of_s(s) + off)  # end), not followed for as long
+        wrong = theory.power_law_window(p, wrong_s, k)
+        assert wrong is None or np.log10(wrong[1] / wrong[0]) < np.log10(M_hi / M_lo) / 2, (wrong_s, wrong)
+    longer = theory.power_law_window(theory.zipf_pool(4 * P, s), s, k)  # a longer pool, a longer law
+    assert longer[1] > 2 * M_hi and math.isclose(longer[0], M_lo, rel_tol=0.05)
+
+
+def test_fit_k_log_recovers_k_from_a_noisy_zipf_curve():
+    """The Zipf notebook's k: from the theory's curve with 10% multiplicative noise over four
+    decades of exposures, the fit lands within a grid step (a factor 1.19) of the true k."""
+    p = theory.zipf_pool(5600, 2.0)
+    M = np.geomspace(1e3, 1e7, 40)
+    for k_true in (20, 300):
+        U = theory.unconsolidated_mass(M, p, k_true)
+        noisy = U * np.exp(np.random.default_rng(k_true).normal(0, 0.1, len(M)))
+        k, lo, hi = srcd_fit.fit_k_log(M, noisy, p)
+        assert lo <= k <= hi and abs(np.log(k / k_true)) < 0.2, (k, k_true)
+
+
 @pytest.mark.parametrize("notebook", ["01_lower_bound.py", "02_consolidation.py", "03_srcd_curves.py",
                                       "04_srcd_ablations.py", "05_gpt2_redundancy.py", "06_srcd_transfer.py",
-                                      "07_mqar.py"])
+                                      "07_mqar.py", "08_zipf_gamma.py"])
 def test_theory_notebook_runs(notebook):
     env = dict(os.environ, CRAM_NB_SMALL="1", MPLBACKEND="Agg")
     path = os.path.join(ROOT, "notebooks", notebook)

@@ -22,5 +22,5 @@ from .lower_bound import (before_consolidation_bound, brute_force, consolidated_
                           deployment_schemes, evaluate, static_schemes)
 from .consolidation import (at, closed_form, closed_form_limit, cumulative_attention, cumulative_excess,
                             expected_attention, poisson_form, simulate, uniform_pool, z_scores)
-from .zipf import (derive_tail, fit_power_law, frontier, gamma_of_s, power_law_steps, s_of_gamma,
-                   tail_asymptote, zipf_pool)
+from .zipf import (derive_tail, fit_power_law, frontier, gamma_of_s, power_law_steps, power_law_window,
+                   s_of_gamma, tail_asymptote, unconsolidated_mass, zipf_pool)

@@ -17,6 +17,7 @@ import os
 import numpy as np
 
 from . import consolidation as cons
+from .zipf import unconsolidated_mass
 
 
 def read_run(run_dir):
@@ -66,6 +67,19 @@ def fit_k(steps, measured, prm, num=60):
     exposures = prm["r_"] * prm["b_"] * prm["f_"] * prm["n_"] * prm["p"].max() * max(steps)
     grid = np.unique(np.geomspace(1, 2 * exposures + 2, num).round().astype(int))
     sse = np.array([((unconsolidated(steps, k, prm) - measured) ** 2).sum() for k in grid])
+    ok = grid[sse <= 1.1 * sse.min() + 1e-9]
+    return int(grid[sse.argmin()]), int(ok.min()), int(ok.max())
+
+
+def fit_k_log(M, measured, p, num=80):
+    """k for a Zipf run, whose measured share spans decades: least squares of log U(M; k)
+    (zipf.unconsolidated_mass, M the recurring exposures before each evaluation) against the log
+    of the measured share (a linear fit would see only the first points), over a geometric grid of
+    integers 1 .. 10^6. -> (k, lo, hi): the best k and the grid range within 10% of its error."""
+    grid = np.unique(np.geomspace(1, 1e6, num).round().astype(int))
+    log_measured = np.log(np.asarray(measured, float))
+    sse = np.array([((np.log(np.maximum(unconsolidated_mass(M, p, k), 1e-300)) - log_measured) ** 2).sum()
+                    for k in grid])
     ok = grid[sse <= 1.1 * sse.min() + 1e-9]
     return int(grid[sse.argmin()]), int(ok.min()), int(ok.max())
 
