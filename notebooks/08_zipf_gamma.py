@@ -18,7 +18,8 @@
 # consolidate one by one, after it the pool's end is reached. This notebook sizes SRCD's Zipf pool
 # for each s in ZIPF so that the window spans at least 1.5 decades, prints it before training, trains
 # CRAM on each pool, fits k (how many exposures CRAM needs; the only free parameter) and then
-# gamma over the evaluations inside the predicted window, next to 1 - 1/s.
+# gamma over the evaluations inside the window and over the run's second half, next to 1 - 1/s;
+# last, it asks the final checkpoint which patterns are still on attention and why.
 #
 # What is fitted is the *recurring* queries' share on attention (attn_recurring), as the theory
 # speaks of nothing else; beside it open_recurring, the share not answered right without attention
@@ -81,6 +82,9 @@ def argv(s):
     return CONFIG + [f"--srcd_zipf={s}", f"--srcd_pool={P}", f"--eval_batches={batches}", f"--eval_interval={every}"]
 
 
+folder = lambda s: os.path.join(OUT, f"s{s:g}")
+
+
 # %% [markdown]
 # ## The prediction, before any training
 # For each s, the window of the exact expectation in recurring exposures M, in training steps
@@ -104,70 +108,121 @@ for s in ZIPF:
 # ## Train what is missing
 
 # %%
-def train_one(s):
-    return s, runs.ensure(os.path.join(OUT, f"s{s:g}"), argv(s), SMALL, f"CRAM, Zipf s = {s}")
-
-
 with ThreadPoolExecutor(JOBS) as pool:  # each run is its own process on one thread
-    summaries = dict(pool.map(train_one, ZIPF))
+    list(pool.map(lambda s: runs.ensure(folder(s), argv(s), SMALL, f"CRAM, Zipf s = {s}"), ZIPF))
 
 # %% [markdown]
-# ## k, the window in steps, and gamma
+# ## k, the window, and gamma
 # Per run: k fitted to the measured attn_recurring over the evaluations with at least MIN_COUNT
-# attended recurring queries (log least squares, theory.srcd_fit.fit_k_log); the predicted window
-# in steps for that k; gamma over the evaluations inside it (95% interval of the fit), for the
-# routed share and for open_recurring; and the same estimator on the theory's curve at the same
-# steps.
+# attended recurring queries (log least squares, theory.srcd_fit.fit_k_log), and the window for
+# that k, in steps and in shares. gamma (95% interval of the fit) over two sets of evaluations:
+# those whose measured share lies within the window's shares (which depend on k much less than
+# its steps do: theory.power_law_window), and the run's second half; each beside the
+# same estimator on the theory's curve (fitted k) at the same steps. The share not answered
+# without attention (open_recurring) is fitted the same way and kept in table.json.
 
 # %%
+def gammas(steps, mask, measured, open_rec, theory_curve):
+    fit = lambda y: srcd_fit.fit_gamma(steps[mask], y[mask])
+    (g, ci, _), (go, ci_o, _), (gt, _, _) = fit(measured), fit(open_rec), fit(theory_curve)
+    if mask.sum() >= 4:
+        assert ci[0] <= g <= ci[1] and np.isfinite(gt)
+    return dict(points=int(mask.sum()), steps=[float(steps[mask].min()), float(steps[mask].max())] if mask.any() else None,
+                routed=[g, *ci], open=[go, *ci_o], theory=gt)
+
+
 results = {}
 for s in ZIPF:
-    rows, run, summary = srcd_fit.read_run(os.path.join(OUT, f"s{s:g}"))
+    rows, run, summary = srcd_fit.read_run(folder(s))
     prm = srcd_fit.srcd_params(run)
     col = lambda key: np.array([r.get(key, np.nan) for r in rows], float)
     steps, attn_rec, open_rec = col("step"), col("attn_recurring"), col("open_recurring")
     n_eval = run["eval_batches"] * run["batch_size"] * round(prm["r_"] * prm["f_"] * prm["n_"])
     counted = (steps > 0) & (attn_rec * n_eval >= MIN_COUNT)
     M = steps * per_step[s]
-    if counted.sum() >= 2:
-        k, k_lo, k_hi = srcd_fit.fit_k_log(M[counted], attn_rec[counted], prm["p"])
-    else:
-        k, k_lo, k_hi = 1, 1, 1
+    k, k_lo, k_hi = srcd_fit.fit_k_log(M[counted], attn_rec[counted], prm["p"]) if counted.sum() >= 2 else (1, 1, 1)
     M_lo, M_hi, U_lo, U_hi = theory.power_law_window(prm["p"], s, k)
-    inside = counted & (M >= M_lo) & (M <= M_hi)
-    g, (g_lo, g_hi), _ = srcd_fit.fit_gamma(steps[inside], attn_rec[inside])
-    go, (go_lo, go_hi), _ = srcd_fit.fit_gamma(steps[inside], open_rec[inside])
-    gt, _, _ = srcd_fit.fit_gamma(steps[inside], theory.unconsolidated_mass(M[inside], prm["p"], k))
-    if inside.sum() >= 4:
-        assert g_lo <= g <= g_hi and np.isfinite(gt)
+    curve = theory.unconsolidated_mass(M, prm["p"], k)
+    window = counted & (attn_rec <= U_lo) & (attn_rec >= U_hi)
+    late = counted & (steps >= steps[-1] / 2)
     results[s] = dict(P=len(prm["p"]), k=k, k_range=[k_lo, k_hi], window_steps=[M_lo / per_step[s], M_hi / per_step[s]],
-                      window_share=[U_lo, U_hi], points=int(inside.sum()),
-                      fitted_steps=[float(steps[inside].min()), float(steps[inside].max())] if inside.any() else None,
-                      gamma_routed=[g, g_lo, g_hi], gamma_open=[go, go_lo, go_hi], gamma_theory_same_steps=gt,
-                      gamma_predicted=theory.gamma_of_s(s), retrieval=summary["retrieval_acc"] if summary else None,
-                      attn_frac=summary["attn_frac"] if summary else None,
+                      window_share=[U_lo, U_hi], in_window=gammas(steps, window, attn_rec, open_rec, curve),
+                      second_half=gammas(steps, late, attn_rec, open_rec, curve), gamma_predicted=theory.gamma_of_s(s),
+                      last_share=attn_rec[-1], retrieval=summary["retrieval_acc"] if summary else None,
                       curve=dict(steps=steps.tolist(), attn_recurring=attn_rec.tolist(), open_recurring=open_rec.tolist()))
 
-fmt = lambda v: f"{v[0]:.3f} ({v[1]:.3f} .. {v[2]:.3f})" if np.isfinite(v[0]) else "too few points"
-print(f"{STEPS} steps, one seed; gamma over the evaluations inside the predicted window with >= {MIN_COUNT} "
-      "attended recurring queries\n")
-print("| s | pool | k fitted | window (steps) | its shares | evaluations fitted | gamma, routed | gamma, open "
-      "| theory's curve, same steps | 1 - 1/s | retrieval |")
-print("|---|---:|---:|---|---|---|---|---|---:|---:|---:|")
+fmt = lambda v: f"{v[0]:.2f} ({v[1]:.2f} .. {v[2]:.2f})" if np.isfinite(v[0]) else "-"
+where = lambda f: f"{f['points']}" + (f" (steps {f['steps'][0]:.0f} .. {f['steps'][1]:.0f})" if f["steps"] else "")
+print(f"{STEPS} steps, one seed; evaluations with >= {MIN_COUNT} attended recurring queries\n")
+print("| s | pool | k fitted | window: steps, shares | evaluations in it | gamma there | theory's curve there "
+      "| second half: gamma | theory's curve | 1 - 1/s | last share | retrieval |")
+print("|---|---:|---:|---|---|---|---:|---|---:|---:|---:|---:|")
 for s, r in results.items():
-    ws, wu, fs = r["window_steps"], r["window_share"], r["fitted_steps"]
-    print(f"| {s:g} | {r['P']} | {r['k']} ({r['k_range'][0]} .. {r['k_range'][1]}) | {ws[0]:.0f} .. {ws[1]:.3g} "
-          f"| {wu[0]:.4f} .. {wu[1]:.2g} | {r['points']}" + (f" (steps {fs[0]:.0f} .. {fs[1]:.0f})" if fs else "")
-          + f" | {fmt(r['gamma_routed'])} | {fmt(r['gamma_open'])} | {r['gamma_theory_same_steps']:.3f} "
-          f"| {r['gamma_predicted']:.3f} | {r['retrieval'] if r['retrieval'] is None else round(r['retrieval'], 4)} |")
+    ws, wu, a, b = r["window_steps"], r["window_share"], r["in_window"], r["second_half"]
+    print(f"| {s:g} | {r['P']} | {r['k']} ({r['k_range'][0]} .. {r['k_range'][1]}) | {ws[0]:.0f} .. {ws[1]:.3g}; "
+          f"{wu[0]:.4f} .. {wu[1]:.2g} | {where(a)} | {fmt(a['routed'])} | {a['theory']:.2f} | {fmt(b['routed'])} "
+          f"| {b['theory']:.2f} | {r['gamma_predicted']:.2f} | {r['last_share']:.4f} "
+          f"| {'-' if r['retrieval'] is None else round(r['retrieval'], 4)} |")
+
+# %% [markdown]
+# ## Which patterns stay on attention at the end
+# From each run's final checkpoint, over its eval batches: the recurring patterns that any query
+# sent to attention, with their rank i in the pool, the exposures they had had in training
+# (step b n_recurring p_i), and whether the model answers their queries right with attention
+# switched off (router_mode=never). The theory's learner attends exactly the patterns with fewer
+# than k exposures, and only until they reach k.
+
+# %%
+import torch  # noqa: E402
+
+import cram  # noqa: E402
+
+
+def per_pattern(run_dir):
+    """-> {pool rank: [queries, attended, right without attention]} and the step, at the last checkpoint."""
+    run, task, model, step = runs.train.load_run(run_dir)
+    rank = {int(key): i + 1 for i, key in enumerate(task.pool_keys)}
+    counts = {}
+    with torch.no_grad():
+        for i in range(run["eval_batches"]):
+            batch = runs.train.eval_batch(task, run, i)
+            attended = cram.attended(model(**batch)["routing"]["z"])
+            right_alone = model(**batch, router_mode="never")["logits"].argmax(-1) == batch["targets"]
+            rec = task.classes(batch["tokens"])["recurring"]
+            for key, a, r in zip(batch["tokens"][..., 0][rec].tolist(), attended[rec].tolist(), right_alone[rec].tolist()):
+                c = counts.setdefault(rank[key], [0, 0, 0])
+                c[0], c[1], c[2] = c[0] + 1, c[1] + a, c[2] + r
+    return counts, step
+
+
+for s, r in results.items():
+    counts, step = per_pattern(folder(s))
+    p = theory.zipf_pool(r["P"], s)
+    on = {i: c for i, c in counts.items() if c[1] > 0}
+    print(f"s = {s:g}, step {step}: {len(on)} of {len(counts)} patterns queried have a query on attention "
+          f"({sum(c[1] for c in on.values()):.0f} of {sum(c[0] for c in counts.values())} recurring queries)")
+    for i, (n, a, right) in sorted(on.items())[:12]:
+        print(f"   rank {i:5d}  p_i {p[i - 1]:.5f}  exposures {step * per_step[s] * p[i - 1]:8.0f}  "
+              f"queries {n:4d}  on attention {a:4.0f}  right without attention {right:4d}")
+    # a pattern is held on attention if most of its queries go there, consolidated if the model
+    # answers most of them right without attention
+    held = {i: c for i, c in on.items() if 2 * c[1] > c[0]}
+    done = [i for i, c in held.items() if 2 * c[2] > c[0]]
+    stuck = [step * per_step[s] * p[i - 1] for i, c in held.items() if 2 * c[2] <= c[0]]
+    r["held_on_attention"] = dict(patterns=len(held), consolidated=len(done), unconsolidated=len(stuck),
+                                  most_exposures_unconsolidated=max(stuck, default=0.0))
+    print(f"   held on attention (most of their queries): {len(held)} patterns; of them {len(done)} answered "
+          f"right without attention (consolidated, still routed), {len(stuck)} not, the most exposed of "
+          f"these after {max(stuck, default=0):.0f} exposures (fitted k {r['k']})")
 os.makedirs(OUT, exist_ok=True)
 with open(os.path.join(OUT, "table.json"), "w") as fh:
     json.dump({str(s): r for s, r in results.items()}, fh, indent=1)
 
 # %% [markdown]
 # ## Plot: the recurring share against the step, log-log
-# Measured routed share (dots; filled where fitted) and open share (crosses), the theory's
-# expectation with the fitted k (line), the predicted window (shaded), the fitted slope and 1 - 1/s.
+# The measured routed share (circles) and open share (crosses), the theory's expectation with the
+# fitted k (line), the window's shares (band), the fitted slopes (solid) and 1 - 1/s through the
+# same middle point (dotted).
 
 # %%
 fig, axes = plt.subplots(1, len(ZIPF), figsize=(5 * len(ZIPF), 4.2), squeeze=False)
@@ -177,19 +232,20 @@ for ax, (s, r) in zip(axes[0], results.items()):
     ax.loglog(steps[pos], attn_rec[pos], "ko", ms=4, mfc="none", label="attn_recurring")
     ax.loglog(steps[(steps > 0) & (open_rec > 0)], open_rec[(steps > 0) & (open_rec > 0)], "C1x", ms=4,
               label="open_recurring")
-    t = np.geomspace(max(1, steps[steps > 0].min() if (steps > 0).any() else 1), max(steps.max(), 2), 200)
-    prm_p = theory.zipf_pool(r["P"], s)
-    ax.loglog(t, theory.unconsolidated_mass(t * per_step[s], prm_p, r["k"]), "C0-", label=f"theory, k = {r['k']}")
-    ax.axvspan(*r["window_steps"], color="C0", alpha=0.08, label="predicted window")
-    g = r["gamma_routed"][0]
-    if np.isfinite(g):
-        lo, hi = r["fitted_steps"]
-        mid = np.sqrt(lo * hi)
-        y_mid = np.exp(np.interp(np.log(mid), np.log(steps[pos]), np.log(attn_rec[pos])))
-        ts = np.geomspace(lo, hi, 20)
-        ax.loglog(ts, y_mid * (ts / mid) ** -g, "C3-", label=f"fit: gamma = {g:.2f}")
-        ax.loglog(ts, y_mid * (ts / mid) ** -r["gamma_predicted"], "C3:", label=f"1 - 1/s = {r['gamma_predicted']:.2f}")
-    ax.set(xlabel="training step", ylabel="share of recurring queries", title=f"Zipf s = {s:g}, pool {r['P']}")
+    t = np.geomspace(1, max(steps.max(), 2), 200)
+    ax.loglog(t, theory.unconsolidated_mass(t * per_step[s], theory.zipf_pool(r["P"], s), r["k"]), "C0-",
+              label=f"theory, k = {r['k']}")
+    ax.axhspan(r["window_share"][1], r["window_share"][0], color="C0", alpha=0.08, label="window's shares")
+    for fit, colour in ((r["in_window"], "C3"), (r["second_half"], "C2")):
+        g = fit["routed"][0]
+        if np.isfinite(g):
+            ts = np.geomspace(*fit["steps"], 20)
+            mid = np.sqrt(ts[0] * ts[-1])
+            y_mid = np.exp(np.interp(np.log(mid), np.log(steps[pos]), np.log(attn_rec[pos])))
+            ax.loglog(ts, y_mid * (ts / mid) ** -g, "-", color=colour, label=f"fit: gamma = {g:.2f}")
+            ax.loglog(ts, y_mid * (ts / mid) ** -r["gamma_predicted"], ":", color=colour)
+    ax.set(xlabel="training step", ylabel="share of recurring queries",
+           title=f"Zipf s = {s:g}, pool {r['P']}: 1 - 1/s = {r['gamma_predicted']:.2f}")
     ax.legend(fontsize=7)
 fig.tight_layout()
 save_figure(fig, "08_zipf_gamma")
