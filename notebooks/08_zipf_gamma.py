@@ -65,6 +65,9 @@ OUT = os.path.join(ROOT, "out", "notebooks", "zipf_small" if SMALL else "zipf")
 # decades for every k in K_RANGE (asserted below). A steeper pool puts its window at smaller
 # shares (s = 3: below 0.4% for k = 75), hence its larger eval set.
 ZIPF = {1.5: (10_000, 16, 50), 2.0: (5_600, 16, 50), 3.0: (1_000, 64, 100)}
+# The runs, folder -> (s, flags on top of CONFIG): one per pool, and at s = 3 (the cheapest) the
+# same with train.py's default schedule (cosine to 3e-4), in case the constant rate is the cause.
+RUNS = {"s1.5": (1.5, []), "s2": (2.0, []), "s3": (3.0, []), "s3_cosine": (3.0, ["--min_lr=3e-4"])}
 K_RANGE = (10, 100, 1000)   # exposures a pattern may need: the window is printed for each
 MIN_COUNT = 10              # fit only evaluations with at least this many attended recurring queries
 STEPS, JOBS = (8, 1) if SMALL else (3000, 2)
@@ -77,12 +80,10 @@ if SMALL:
               "--srcd_values=8", "--log_interval=2"]
 
 
-def argv(s):
+def argv(s, flags=()):
     P, batches, every = ZIPF[s]
-    return CONFIG + [f"--srcd_zipf={s}", f"--srcd_pool={P}", f"--eval_batches={batches}", f"--eval_interval={every}"]
-
-
-folder = lambda s: os.path.join(OUT, f"s{s:g}")
+    return CONFIG + [f"--srcd_zipf={s}", f"--srcd_pool={P}", f"--eval_batches={batches}",
+                     f"--eval_interval={every}", *flags]
 
 
 # %% [markdown]
@@ -109,7 +110,7 @@ for s in ZIPF:
 
 # %%
 with ThreadPoolExecutor(JOBS) as pool:  # each run is its own process on one thread
-    list(pool.map(lambda s: runs.ensure(folder(s), argv(s), SMALL, f"CRAM, Zipf s = {s}"), ZIPF))
+    list(pool.map(lambda name: runs.ensure(os.path.join(OUT, name), argv(*RUNS[name]), SMALL, name), RUNS))
 
 # %% [markdown]
 # ## k, the window, and gamma
@@ -132,8 +133,8 @@ def gammas(steps, mask, measured, open_rec, theory_curve):
 
 
 results = {}
-for s in ZIPF:
-    rows, run, summary = srcd_fit.read_run(folder(s))
+for name, (s, _) in RUNS.items():
+    rows, run, summary = srcd_fit.read_run(os.path.join(OUT, name))
     prm = srcd_fit.srcd_params(run)
     col = lambda key: np.array([r.get(key, np.nan) for r in rows], float)
     steps, attn_rec, open_rec = col("step"), col("attn_recurring"), col("open_recurring")
@@ -145,7 +146,7 @@ for s in ZIPF:
     curve = theory.unconsolidated_mass(M, prm["p"], k)
     window = counted & (attn_rec <= U_lo) & (attn_rec >= U_hi)
     late = counted & (steps >= steps[-1] / 2)
-    results[s] = dict(P=len(prm["p"]), k=k, k_range=[k_lo, k_hi], window_steps=[M_lo / per_step[s], M_hi / per_step[s]],
+    results[name] = dict(s=s, P=len(prm["p"]), k=k, k_range=[k_lo, k_hi], window_steps=[M_lo / per_step[s], M_hi / per_step[s]],
                       window_share=[U_lo, U_hi], in_window=gammas(steps, window, attn_rec, open_rec, curve),
                       second_half=gammas(steps, late, attn_rec, open_rec, curve), gamma_predicted=theory.gamma_of_s(s),
                       last_share=attn_rec[-1], retrieval=summary["retrieval_acc"] if summary else None,
@@ -154,12 +155,12 @@ for s in ZIPF:
 fmt = lambda v: f"{v[0]:.2f} ({v[1]:.2f} .. {v[2]:.2f})" if np.isfinite(v[0]) else "-"
 where = lambda f: f"{f['points']}" + (f" (steps {f['steps'][0]:.0f} .. {f['steps'][1]:.0f})" if f["steps"] else "")
 print(f"{STEPS} steps, one seed; evaluations with >= {MIN_COUNT} attended recurring queries\n")
-print("| s | pool | k fitted | window: steps, shares | evaluations in it | gamma there | theory's curve there "
+print("| run | s | pool | k fitted | window: steps, shares | evaluations in it | gamma there | theory's curve there "
       "| second half: gamma | theory's curve | 1 - 1/s | last share | retrieval |")
-print("|---|---:|---:|---|---|---|---:|---|---:|---:|---:|---:|")
-for s, r in results.items():
+print("|---|---|---:|---:|---|---|---|---:|---|---:|---:|---:|---:|")
+for name, r in results.items():
     ws, wu, a, b = r["window_steps"], r["window_share"], r["in_window"], r["second_half"]
-    print(f"| {s:g} | {r['P']} | {r['k']} ({r['k_range'][0]} .. {r['k_range'][1]}) | {ws[0]:.0f} .. {ws[1]:.3g}; "
+    print(f"| {name} | {r['s']:g} | {r['P']} | {r['k']} ({r['k_range'][0]} .. {r['k_range'][1]}) | {ws[0]:.0f} .. {ws[1]:.3g}; "
           f"{wu[0]:.4f} .. {wu[1]:.2g} | {where(a)} | {fmt(a['routed'])} | {a['theory']:.2f} | {fmt(b['routed'])} "
           f"| {b['theory']:.2f} | {r['gamma_predicted']:.2f} | {r['last_share']:.4f} "
           f"| {'-' if r['retrieval'] is None else round(r['retrieval'], 4)} |")
@@ -195,11 +196,12 @@ def per_pattern(run_dir):
     return counts, step
 
 
-for s, r in results.items():
-    counts, step = per_pattern(folder(s))
+for name, r in results.items():
+    s = r["s"]
+    counts, step = per_pattern(os.path.join(OUT, name))
     p = theory.zipf_pool(r["P"], s)
     on = {i: c for i, c in counts.items() if c[1] > 0}
-    print(f"s = {s:g}, step {step}: {len(on)} of {len(counts)} patterns queried have a query on attention "
+    print(f"{name}, step {step}: {len(on)} of {len(counts)} patterns queried have a query on attention "
           f"({sum(c[1] for c in on.values()):.0f} of {sum(c[0] for c in counts.values())} recurring queries)")
     for i, (n, a, right) in sorted(on.items())[:12]:
         print(f"   rank {i:5d}  p_i {p[i - 1]:.5f}  exposures {step * per_step[s] * p[i - 1]:8.0f}  "
@@ -216,7 +218,7 @@ for s, r in results.items():
           f"these after {max(stuck, default=0):.0f} exposures (fitted k {r['k']})")
 os.makedirs(OUT, exist_ok=True)
 with open(os.path.join(OUT, "table.json"), "w") as fh:
-    json.dump({str(s): r for s, r in results.items()}, fh, indent=1)
+    json.dump(results, fh, indent=1)
 
 # %% [markdown]
 # ## Plot: the recurring share against the step, log-log
@@ -225,8 +227,9 @@ with open(os.path.join(OUT, "table.json"), "w") as fh:
 # same middle point (dotted).
 
 # %%
-fig, axes = plt.subplots(1, len(ZIPF), figsize=(5 * len(ZIPF), 4.2), squeeze=False)
-for ax, (s, r) in zip(axes[0], results.items()):
+fig, axes = plt.subplots(1, len(RUNS), figsize=(4.5 * len(RUNS), 4.2), squeeze=False)
+for ax, (name, r) in zip(axes[0], results.items()):
+    s = r["s"]
     steps, attn_rec, open_rec = (np.array(r["curve"][k]) for k in ("steps", "attn_recurring", "open_recurring"))
     pos = (steps > 0) & (attn_rec > 0)
     ax.loglog(steps[pos], attn_rec[pos], "ko", ms=4, mfc="none", label="attn_recurring")
@@ -245,7 +248,7 @@ for ax, (s, r) in zip(axes[0], results.items()):
             ax.loglog(ts, y_mid * (ts / mid) ** -g, "-", color=colour, label=f"fit: gamma = {g:.2f}")
             ax.loglog(ts, y_mid * (ts / mid) ** -r["gamma_predicted"], ":", color=colour)
     ax.set(xlabel="training step", ylabel="share of recurring queries",
-           title=f"Zipf s = {s:g}, pool {r['P']}: 1 - 1/s = {r['gamma_predicted']:.2f}")
+           title=f"{name}: pool {r['P']}, 1 - 1/s = {r['gamma_predicted']:.2f}")
     ax.legend(fontsize=7)
 fig.tight_layout()
 save_figure(fig, "08_zipf_gamma")
