@@ -166,6 +166,27 @@ for name, r in results.items():
           f"| {'-' if r['retrieval'] is None else round(r['retrieval'], 4)} |")
 
 # %% [markdown]
+# ## Attention spent over training
+# The share of tokens on attention averaged over the run (a trapezoid over the step-0 evaluation
+# and the training batch logged every log_interval steps), against what the theory's learner with
+# the fitted k spends, f [(1 - r) + r U(M_t)] averaged the same way, the floor f (1 - r) and a
+# static scheme's f (every query, every step).
+
+# %%
+print("| run | CRAM | theory's learner, fitted k | floor | static |")
+print("|---|---:|---:|---:|---:|")
+for name, r in results.items():
+    s = r["s"]
+    with open(os.path.join(OUT, name, "metrics.jsonl")) as fh:
+        logged = [row for row in map(json.loads, fh) if row["kind"] == "train" or row["step"] == 0]
+    steps, attn = (np.array(v, float) for v in zip(*sorted({row["step"]: row["attn_frac"] for row in logged}.items())))
+    prm = srcd_fit.srcd_params(runs.train.parse_args(argv(*RUNS[name]))[0])
+    learner = prm["f_"] * ((1 - prm["r_"]) + prm["r_"] * theory.unconsolidated_mass(steps * per_step[s], prm["p"], r["k"]))
+    mean = lambda y: np.trapezoid(y, steps) / (steps[-1] - steps[0])
+    r["spent"] = dict(cram=mean(attn), learner=mean(learner), floor=srcd_fit.floor(prm), static=prm["f_"])
+    print(f"| {name} | " + " | ".join(f"{100 * v:.2f}%" for v in r["spent"].values()) + " |")
+
+# %% [markdown]
 # ## Which patterns stay on attention at the end
 # From each run's final checkpoint, over its eval batches: the recurring patterns that any query
 # sent to attention, with their rank i in the pool, the exposures they had had in training
