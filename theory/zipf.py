@@ -21,7 +21,8 @@ frontier, since the summand varies on that scale.) Inverting, s = 1 / (1 - gamma
 gamma = 0.43 +- 0.04 matches s = 1.75 (1.64 to 1.89). A pool of P patterns follows the power law
 only while i* is well inside it; once i* ~ P everything has consolidated. power_law_steps keeps
 10 <= i* <= P / 100, where the pool's missing tail biases a fitted slope by at most 0.025 (s = 1.5;
-less for larger s, measured on the exact expectation).
+less for larger s, measured on the exact expectation); power_law_window finds the whole range
+where the exact expectation's local slope is gamma (a training run is read against it).
 """
 import functools
 import math
@@ -108,8 +109,8 @@ def power_law_window(p, s, k, tol=0.05, M_max=1e12, num=600):
     resolve to see the power law are set mostly by the pool."""
     M = np.geomspace(max(k, 1) * 1e-2, M_max, num)
     U = unconsolidated_mass(M, p, k)
-    live = U > 1e-300
-    slope = -np.gradient(np.log(U[live]), np.log(M[live]))
+    M, U = M[U > 1e-300], U[U > 1e-300]  # past the pool's end U underflows, and log needs U > 0
+    slope = -np.gradient(np.log(U), np.log(M))
     inside = np.abs(slope - gamma_of_s(s)) <= tol
     best, start = None, None
     for i, ok in enumerate(np.append(inside, False)):
@@ -122,5 +123,4 @@ def power_law_window(p, s, k, tol=0.05, M_max=1e12, num=600):
     if best is None:
         return None
     lo, hi = best[0], best[1] - 1
-    Ml = M[live]
-    return float(Ml[lo]), float(Ml[hi]), float(U[live][lo]), float(U[live][hi])
+    return float(M[lo]), float(M[hi]), float(U[lo]), float(U[hi])
