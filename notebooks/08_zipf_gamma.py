@@ -34,10 +34,11 @@
 #
 # The runs (SRCD with --srcd_shared_keys, so a key id says nothing of recurrence and the router
 # must learn every pattern, N = 256, 26 queries a sequence of which 18 recurring, batch 16, a
-# constant learning rate after the warm-up so that a step means the same learning throughout,
-# STEPS steps, eval sets large enough to count the rare attended queries):
+# constant learning rate after the warm-up so that a step means the same learning throughout, and
+# at s = 3 the same with the cosine schedule; STEPS steps, eval sets large enough to count the rare
+# attended queries). What they show is in the README (Theory, "gamma predicted, then measured").
 #
-#     python notebooks/08_zipf_gamma.py       # trains what out/notebooks/zipf lacks (about 2 CPU hours)
+#     python notebooks/08_zipf_gamma.py       # trains what out/notebooks/zipf lacks (23 to 92 min a run)
 #
 # `CRAM_NB_SMALL=1` (the tests) trains tiny runs for a few steps: its numbers mean nothing.
 
@@ -211,9 +212,10 @@ def per_pattern(run_dir):
             attended = cram.attended(model(**batch)["routing"]["z"])
             right_alone = model(**batch, router_mode="never")["logits"].argmax(-1) == batch["targets"]
             rec = task.classes(batch["tokens"])["recurring"]
-            for key, a, r in zip(batch["tokens"][..., 0][rec].tolist(), attended[rec].tolist(), right_alone[rec].tolist()):
+            for key, on, right in zip(batch["tokens"][..., 0][rec].tolist(), attended[rec].tolist(),
+                                      right_alone[rec].tolist()):
                 c = counts.setdefault(rank[key], [0, 0, 0])
-                c[0], c[1], c[2] = c[0] + 1, c[1] + a, c[2] + r
+                c[0], c[1], c[2] = c[0] + 1, c[1] + on, c[2] + right
     return counts, step
 
 
