@@ -161,8 +161,8 @@ class SRCD:
     def metrics(self, out, batch):
         """Retrieval accuracy over all queries and per class (acc, acc_recurring, acc_novel),
         routing per class (cram.class_stats), and open_recurring: the share of recurring queries
-        not answered right without attention (on attention, or wrong), the theory's unconsolidated
-        mass U measured whatever the router does. The dynamics MSE is the loss term mse."""
+        not answered right without attention (on attention, or wrong): above attn_recurring by the
+        queries the router has taken off attention too early. The dynamics MSE is the loss term mse."""
         hit = (out["logits"].argmax(-1) == batch["targets"]).float()
         classes = self.classes(batch["tokens"])
         m = {"acc": (hit * (batch["targets"] >= 0)).sum() / (batch["targets"] >= 0).sum()}

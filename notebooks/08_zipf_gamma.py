@@ -23,9 +23,9 @@
 #
 # What is fitted is the *recurring* queries' share on attention (attn_recurring), as the theory
 # speaks of nothing else; beside it open_recurring, the share not answered right without attention
-# (on attention, or wrong), which is the theory's U whatever the router does. And beside both, the
-# same estimator on the theory's own curve at the same evaluations: what a consolidating learner
-# with the fitted k would give through the same finite window.
+# (on attention, or wrong), which also counts what a router took off attention too early. And
+# beside both, the same estimator on the theory's own curve at the same evaluations: what a
+# consolidating learner with the fitted k would give through the same finite window.
 #
 # gamma alone identifies neither s nor the learner: any pool whose frequencies fall as i^-s in the
 # range being consolidated gives the same slope, and so do learners other than "k exposures" (a
@@ -44,6 +44,7 @@
 
 # %%
 import json
+import math
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -116,7 +117,8 @@ with ThreadPoolExecutor(JOBS) as pool:  # each run is its own process on one thr
 # %% [markdown]
 # ## k, the window, and gamma
 # Per run: k fitted to the measured attn_recurring over the evaluations with at least MIN_COUNT
-# attended recurring queries (log least squares, theory.srcd_fit.fit_k_log), and the window for
+# attended recurring queries (log least squares, theory.srcd_fit.fit_k_log; every such evaluation,
+# so a curve that stops falling or rises again pulls k up: a rough number), and the window for
 # that k, in steps and in shares. gamma (95% interval of the fit) over two sets of evaluations:
 # those whose measured share lies within the window's shares (which depend on k much less than
 # its steps do: theory.power_law_window), and the run's second half; each beside the
@@ -201,6 +203,15 @@ import torch  # noqa: E402
 import cram  # noqa: E402
 
 
+def finite(v):
+    """v with every nan or inf as None: JSON has no NaN."""
+    if isinstance(v, dict):
+        return {k: finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [finite(x) for x in v]
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
 def per_pattern(run_dir):
     """-> {pool rank: [queries, attended, right without attention]} and the step, at the last checkpoint."""
     run, task, model, step = runs.train.load_run(run_dir)
@@ -241,7 +252,7 @@ for name, r in results.items():
           f"these after {max(stuck, default=0):.0f} exposures (fitted k {r['k']})")
 os.makedirs(OUT, exist_ok=True)
 with open(os.path.join(OUT, "table.json"), "w") as fh:
-    json.dump(results, fh, indent=1)
+    json.dump(finite(results), fh, indent=1)
 
 # %% [markdown]
 # ## Plot: the recurring share against the step, log-log

@@ -29,7 +29,6 @@ import math
 
 import numpy as np
 import sympy as sp
-import torch
 
 
 def zipf_pool(P, s):
@@ -95,6 +94,7 @@ def unconsolidated_mass(M, p, k):
     """U(M) = sum_i p_i P(Poisson(M p_i) < k) for each M: the share of recurring queries whose
     pattern has had fewer than k of the M recurring exposures so far (any pool p, any k: the
     regularised upper incomplete gamma Q(k, x) = P(Poisson(x) < k) costs the same for k = 10^6)."""
+    import torch  # for its gammaincc; theory/ needs torch nowhere else
     lam = torch.as_tensor(np.outer(np.asarray(M, float), p), dtype=torch.float64)
     return (torch.special.gammaincc(torch.full_like(lam, float(k)), lam).numpy() * p).sum(-1)
 
@@ -104,9 +104,9 @@ def power_law_window(p, s, k, tol=0.05, M_max=1e12, num=600):
     range of recurring exposures M over which the local slope -dlog U / dlog M stays within tol of
     gamma. Before it the first few patterns consolidate one by one; after it the pool's end is
     reached. -> (M_lo, M_hi, U(M_lo), U(M_hi)), or None where no point is within tol. M_lo grows
-    about as k, the shares at the two ends much less (s = 2, P = 5600: from k = 10 to 300 the
-    window starts at U = 0.21 and 0.05 and ends at U = 0.0011 for both): the shares a run must
-    resolve to see the power law are set mostly by the pool."""
+    faster than k, the shares at the two ends much less (s = 2, P = 5600, k = 10, 100, 1000:
+    M_lo = 133, 9.7e3, 5.2e5; the window starts at U = 0.21, 0.079, 0.034 and ends at U = 0.0011
+    for all three): the shares a run must resolve to see the power law are set mostly by the pool."""
     M = np.geomspace(max(k, 1) * 1e-2, M_max, num)
     U = unconsolidated_mass(M, p, k)
     M, U = M[U > 1e-300], U[U > 1e-300]  # past the pool's end U underflows, and log needs U > 0
