@@ -112,15 +112,10 @@ def power_law_window(p, s, k, tol=0.05, M_max=1e12, num=600):
     M, U = M[U > 1e-300], U[U > 1e-300]  # past the pool's end U underflows, and log needs U > 0
     slope = -np.gradient(np.log(U), np.log(M))
     inside = np.abs(slope - gamma_of_s(s)) <= tol
-    best, start = None, None
-    for i, ok in enumerate(np.append(inside, False)):
-        if ok and start is None:
-            start = i
-        elif not ok and start is not None:
-            if best is None or i - start > best[1] - best[0]:
-                best = (start, i)
-            start = None
-    if best is None:
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], inside, [0]]).astype(int)))
+    starts, ends = edges[::2], edges[1::2]  # each run of points inside is [start, end)
+    if not len(starts):
         return None
-    lo, hi = best[0], best[1] - 1
+    j = np.argmax(ends - starts)
+    lo, hi = starts[j], ends[j] - 1
     return float(M[lo]), float(M[hi]), float(U[lo]), float(U[hi])
