@@ -135,10 +135,10 @@ def gammas(steps, mask, measured, open_rec, theory_curve):
                 routed=[g, *ci], open=[go, *ci_o], theory=gt)
 
 
-results = {}
+results, prms = {}, {}
 for name, (s, _) in RUNS.items():
     rows, run, summary = srcd_fit.read_run(os.path.join(OUT, name))
-    prm = srcd_fit.srcd_params(run)
+    prm = prms[name] = srcd_fit.srcd_params(run)
     col = lambda key: np.array([r.get(key, np.nan) for r in rows], float)
     steps, attn_rec, open_rec = col("step"), col("attn_recurring"), col("open_recurring")
     n_eval = run["eval_batches"] * run["batch_size"] * round(prm["r_"] * prm["f_"] * prm["n_"])
@@ -183,7 +183,7 @@ for name, r in results.items():
     with open(os.path.join(OUT, name, "metrics.jsonl")) as fh:
         logged = [row for row in map(json.loads, fh) if row["kind"] == "train" or row["step"] == 0]
     steps, attn = (np.array(v, float) for v in zip(*sorted({row["step"]: row["attn_frac"] for row in logged}.items())))
-    prm = srcd_fit.srcd_params(runs.train.parse_args(argv(*RUNS[name]))[0])
+    prm = prms[name]
     learner = prm["f_"] * ((1 - prm["r_"]) + prm["r_"] * theory.unconsolidated_mass(steps * per_step[s], prm["p"], r["k"]))
     mean = lambda y: np.trapezoid(y, steps) / (steps[-1] - steps[0])
     r["spent"] = dict(cram=mean(attn), learner=mean(learner), floor=srcd_fit.floor(prm), static=prm["f_"])
