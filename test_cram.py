@@ -870,6 +870,27 @@ def test_resume_equals_uninterrupted_run_bit_for_bit(tmp_path):
     assert no_wall(json.load(open(a / "summary.json"))) == no_wall(json.load(open(b / "summary.json")))
 
 
+def test_notebook_runs_continue_an_interrupted_run(tmp_path):
+    """notebooks/runs.ensure, which the experiment notebooks train through: a run stopped midway
+    (a session that ended) is continued from its checkpoint and ends as the uninterrupted run; a
+    checkpoint saved with other settings is trained again from step 0; a finished run is returned,
+    whatever threads and checkpoint spacing it is asked for."""
+    sys.path.insert(0, os.path.join(ROOT, "notebooks"))
+    import runs
+    run = TINY_RUN + ["--max_iters=8", "--ckpt_interval=3", "--eval_interval=3"]
+    whole = runs.ensure(str(tmp_path / "a"), run, small=True)
+    no_wall = lambda s: {k: v for k, v in s.items() if k != "wall_seconds"}
+    for name, other in (("b", []), ("c", ["--learning_rate=1e-3"])):
+        path = str(tmp_path / name)
+        assert train.main(run + other + [f"--out_dir={path}", "--stop_iter=4"]) is None
+        assert runs.interrupted(path, run) == (None if other else 4)
+        assert no_wall(runs.ensure(path, run, small=True)) == no_wall(whole)
+        log = open(os.path.join(path, "log.txt")).read()  # a fresh run starts its log again
+        assert ("resuming at step 4" in log) == (not other) and log.count("new run") == 1, log
+    done = json.load(open(tmp_path / "b" / "summary.json"))  # its wall time tells a rerun apart
+    assert runs.ensure(str(tmp_path / "b"), run + ["--threads=2", "--ckpt_interval=5"], small=True) == done
+
+
 def test_model_input_that_does_not_fit_the_settings_is_one_line(tmp_path):
     """Position embeddings shorter than the sequence: train.py stops with one line, no traceback."""
     r = subprocess.run([sys.executable, "train.py", *TINY_RUN, "--wm_kind=none", "--n_positions=40",

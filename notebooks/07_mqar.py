@@ -38,6 +38,9 @@
 #     python notebooks/07_mqar.py                    # trains what out/notebooks/mqar lacks
 #     CRAM_MQAR_WIDTHS=64 CRAM_MQAR_SIZES=64x4,128x8 python notebooks/07_mqar.py  # a part of it
 #
+# A run cut off midway (a session that ended) continues from its last checkpoint (every 100 steps)
+# the next time, and ends as it would have uninterrupted (runs.ensure, train.py --resume).
+#
 # `CRAM_NB_SMALL=1` (the tests) runs every row for a few steps on a tiny config: its numbers mean nothing.
 
 # %%
@@ -63,7 +66,7 @@ except (ValueError, AssertionError):
     sys.exit("CRAM_MQAR_SIZES takes tokens x pairs, comma-separated (64x4,128x8), CRAM_MQAR_WIDTHS ints (64,128)")
 STEPS, TOKENS, JOBS = (4, 64, 1) if SMALL else (2000, 4096, 2)
 WARMUP = STEPS // 4  # CRAM rows: steps of attention on every token before the router is free
-CONFIG = ["--dataset=mqar", "--threads=1", f"--max_iters={STEPS}", "--emb_std=1.0",
+CONFIG = ["--dataset=mqar", "--threads=1", f"--max_iters={STEPS}", "--emb_std=1.0", "--ckpt_interval=100",
           "--eval_interval=" + ("2" if SMALL else "250"), "--log_interval=" + ("2" if SMALL else "100")]
 MODELS = {
     "attention": ["--router_mode=always", "--wm_kind=none", "--w_consol=0", "--w_qhead=0"],

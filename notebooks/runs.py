@@ -1,5 +1,5 @@
-"""What the experiment notebooks (04, 06) share: train a run into its folder unless a finished run
-with the same settings is already there."""
+"""What the experiment notebooks (04, 06, 07, 08) share: train a run into its folder unless a
+finished run with the same settings is already there, continuing one that was interrupted."""
 import contextlib
 import io
 import json
@@ -19,35 +19,53 @@ from cram import CramConfig  # noqa: E402
 MODEL_DEFAULTS = {f.name: f.default for f in fields(CramConfig)}
 
 
+def same_settings(done_run, done_model, argv):
+    """Whether a run's recorded settings are argv's. Settings added to the code after the run was
+    trained count as their defaults; how a run was started (out_dir, threads, checkpoint spacing,
+    ...) and other datasets' settings do not count."""
+    run, model = train.parse_args(argv)
+    ignored = (train.INVOCATION + ("threads", "ckpt_interval")
+               + tuple(set(data.settings()) - set(data.setting_keys(run["dataset"]))))
+    same_run = all(done_run.get(k, train.DEFAULTS[k]) == v for k, v in run.items() if k not in ignored)
+    return same_run and all(done_model.get(k, MODEL_DEFAULTS[k]) == v for k, v in model.items())
+
+
 def finished(path, argv):
-    """The run's summary.json, if it exists and was trained with these settings. Settings added to
-    the code after the run was trained count as their defaults; how a run was started (out_dir,
-    threads, ...) and other datasets' settings do not count."""
+    """The run's summary.json, if it exists and was trained with these settings."""
     try:
         with open(os.path.join(path, "summary.json")) as fh:
             summary = json.load(fh)
     except (OSError, ValueError):
         return None
-    run, model = train.parse_args(argv)
-    done = summary["config"]
-    ignored = train.INVOCATION + ("threads",) + tuple(set(data.settings()) - set(data.setting_keys(run["dataset"])))
-    same_run = all(done["run"].get(k, train.DEFAULTS[k]) == v for k, v in run.items() if k not in ignored)
-    same_model = all(done["model"].get(k, MODEL_DEFAULTS[k]) == v for k, v in model.items())
-    return summary if same_run and same_model else None
+    return summary if same_settings(summary["config"]["run"], summary["config"]["model"], argv) else None
+
+
+def interrupted(path, argv):
+    """The step of path's checkpoint if it was saved by a run with these settings that did not
+    finish (a session or machine that ended mid-run), else None: ensure continues it from there."""
+    try:
+        ckpt = train.load_checkpoint(os.path.join(path, "ckpt.pt"))
+    except train.ConfigError:
+        return None
+    return ckpt["step"] if same_settings(ckpt["run"], ckpt["model_args"], argv) else None
 
 
 def ensure(path, argv, small=False, label=""):
-    """Train argv into path unless finished(): in-process and silent in the small mode (the tests),
+    """Train argv into path unless finished(), continuing an interrupted() run exactly (train.py's
+    --resume) instead of starting it again: in-process and silent in the small mode (the tests),
     else in a subprocess (its own threads), printing the wall time. -> the summary."""
-    argv = list(argv) + [f"--out_dir={path}", "--overwrite"]
+    argv = list(argv) + [f"--out_dir={path}"]
     summary = finished(path, argv)
     if summary:
         return summary
+    step = interrupted(path, argv)
+    argv.append("--overwrite" if step is None else "--resume")
     if small:
         with contextlib.redirect_stdout(io.StringIO()):
             return train.main(argv)
     t0 = time.time()
     res = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *argv], capture_output=True, text=True)
     assert res.returncode == 0, f"{label or path}: {res.stderr[-500:]}"
-    print(f"trained {label or path}: {time.time() - t0:.0f} s", flush=True)
+    resumed = "" if step is None else f" (resumed at step {step})"
+    print(f"trained {label or path}: {time.time() - t0:.0f} s{resumed}", flush=True)
     return finished(path, argv)
