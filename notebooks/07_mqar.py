@@ -37,6 +37,7 @@
 #
 #     python notebooks/07_mqar.py                    # trains what out/notebooks/mqar lacks
 #     CRAM_MQAR_WIDTHS=64 CRAM_MQAR_SIZES=64x4,128x8 python notebooks/07_mqar.py  # a part of it
+#     CRAM_MQAR_STEPS=8000 CRAM_MQAR_MODELS=attention,palimpsa ...   # another budget, some rows
 #
 # A run cut off midway (a session that ended) continues from its last checkpoint (every 100 steps)
 # the next time, and ends as it would have uninterrupted (runs.ensure, train.py --resume).
@@ -61,10 +62,12 @@ try:
     SIZES = [(16, 2), (32, 4)] if SMALL else [tuple(int(n) for n in s.split("x")) for s in
                                                os.environ.get("CRAM_MQAR_SIZES", "64x4,128x8,256x16").split(",")]
     WIDTHS = [16] if SMALL else [int(w) for w in os.environ.get("CRAM_MQAR_WIDTHS", "64,128").split(",")]
-    assert all(len(s) == 2 for s in SIZES)
+    STEPS = 4 if SMALL else int(os.environ.get("CRAM_MQAR_STEPS", "2000"))
+    assert all(len(s) == 2 for s in SIZES) and STEPS > 0
 except (ValueError, AssertionError):
-    sys.exit("CRAM_MQAR_SIZES takes tokens x pairs, comma-separated (64x4,128x8), CRAM_MQAR_WIDTHS ints (64,128)")
-STEPS, TOKENS, JOBS = (4, 64, 1) if SMALL else (2000, 4096, 2)
+    sys.exit("CRAM_MQAR_SIZES takes tokens x pairs, comma-separated (64x4,128x8), CRAM_MQAR_WIDTHS ints (64,128), "
+             "CRAM_MQAR_STEPS a positive int")
+TOKENS, JOBS = (64, 1) if SMALL else (4096, 2)
 WARMUP = STEPS // 4  # CRAM rows: steps of attention on every token before the router is free
 CONFIG = ["--dataset=mqar", "--threads=1", f"--max_iters={STEPS}", "--emb_std=1.0", "--ckpt_interval=100",
           "--eval_interval=" + ("2" if SMALL else "250"), "--log_interval=" + ("2" if SMALL else "100")]
@@ -76,6 +79,10 @@ MODELS = {
     "CRAM (mamba2)": ["--wm_kind=mamba2", f"--attn_warmup={WARMUP}"],
     "CRAM (palimpsa)": ["--wm_kind=palimpsa", f"--attn_warmup={WARMUP}"],
 }
+chosen = os.environ.get("CRAM_MQAR_MODELS", ",".join(MODELS)).split(",")
+if set(chosen) - set(MODELS):
+    sys.exit(f"CRAM_MQAR_MODELS takes names from: {','.join(MODELS)}")
+MODELS = {m: MODELS[m] for m in chosen}
 # Published accuracies, not rerun here, {(tokens, kv pairs, d_model): {model: accuracy}}: H3, RWKV
 # and BaseConv from the Zoology paper's MQAR sweeps (Arora et al. 2023, arXiv 2312.04927), Mamba2
 # with d_state 8 from the same sweep run with Zoology's code.
@@ -95,7 +102,8 @@ def argv(model, T, kv, d):
 
 def cell(key):
     model, T, kv, d = key
-    path = os.path.join(OUT, f"{model.replace(' ', '_').replace('(', '').replace(')', '')}_{T}_{kv}_d{d}")
+    budget = "" if STEPS == 2000 or SMALL else f"_s{STEPS}"  # the table's budget, or a longer one
+    path = os.path.join(OUT, f"{model.replace(' ', '_').replace('(', '').replace(')', '')}_{T}_{kv}_d{d}{budget}")
     return key, runs.ensure(path, argv(*key), SMALL, f"{model} ({T}, {kv}) d={d}")
 
 
