@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 TIERS = ("working", "episodic", "semantic")
 W, E, S = 0, 1, 2  # tier indices in the router's output
-WM_KINDS = ("gated", "ctrnn", "palimpsa", "mamba2", "none")
+WM_KINDS = ("gated", "ctrnn", "palimpsa", "mamba2", "conv", "none")
 PALIMPSA_PARAMS = ("code", "paper")
 ATTN_IMPLS = ("auto", "twin", "kernel", "dense")
 
@@ -98,7 +98,7 @@ class CramConfig:
                              # 1.0, PyTorch's default, to learn recall on a CPU budget (README, MQAR table)
     sem_rank: int = 0        # semantic memory rank; 0 means d/16 as in the paper
     mlp: bool = True         # each layer's MLP; False is the paper's layer, the three tiers and the router
-    wm_kind: str = "gated"   # gated (chunked-scan recurrence), ctrnn (CRAM paper's), palimpsa, mamba2, none
+    wm_kind: str = "gated"   # gated (chunked-scan recurrence), ctrnn (CRAM paper's), palimpsa, mamba2, conv, none
     palimpsa_param: str = "code"  # palimpsa/mamba2 gates: "code" (the authors' code) or "paper"
     palimpsa_prior: float = 1.0   # I_prior of palimpsa_param="paper" (the code's is fixed at 1)
     n_positions: int = 0     # learned absolute position embeddings (nanoGPT) for this many tokens;
@@ -338,6 +338,26 @@ def causal_conv(x, weight):
     x_{t-w+1} .. x_t. The short convolution gated linear attention layers put before q, k, v."""
     w = weight.shape[1]
     return F.conv1d(F.pad(x.transpose(1, 2), (w - 1, 0)), weight[:, None], groups=x.shape[2]).transpose(1, 2)
+
+
+class ShortConvMemory(nn.Module):
+    """wm_kind="conv": a gated short causal convolution, Zoology's BaseConv with a kernel of 3,
+        y_t = W_o ((w_0 u_t + w_1 u_{t-1} + w_2 u_{t-2}) * g_t),   u = W_u x, g = W_g x.
+    It holds nothing beyond two tokens back, so as a working memory it recalls nothing; what it
+    gives attention is the tokens just before: Zoology's attention baseline on MQAR is this layer
+    then attention, with no position embeddings, and with it a value's position carries its key."""
+
+    def __init__(self, cfg, width=3):
+        super().__init__()
+        d = cfg.n_embd
+        self.in_proj = nn.Linear(d, 2 * d)
+        self.conv = nn.Parameter(torch.empty(d, width).uniform_(-width ** -0.5, width ** -0.5))  # nn.Conv1d's
+        self.out_proj = nn.Linear(d, d)
+
+    def forward(self, x, dtau=None):
+        """x: (B, T, d) -> (B, T, d); the time gaps play no part in a convolution over tokens."""
+        u, g = self.in_proj(x).chunk(2, -1)
+        return self.out_proj(causal_conv(u, self.conv) * g)
 
 
 def palimpsa_scan_sequential(log_a, v, k, b, q, prior, scale):
@@ -634,7 +654,7 @@ class Block(nn.Module):
         self.ln3 = nn.LayerNorm(cfg.n_embd) if cfg.mlp else None
         self.wm = {"gated": lambda: GatedCTMemory(cfg), "ctrnn": lambda: CTRNNMemory(cfg),
                    "palimpsa": lambda: PalimpsaMemory(cfg), "mamba2": lambda: PalimpsaMemory(cfg, metaplastic=False),
-                   "none": lambda: None}[cfg.wm_kind]()
+                   "conv": lambda: ShortConvMemory(cfg), "none": lambda: None}[cfg.wm_kind]()
         self.episodic = EpisodicMemory(cfg)
         self.semantic = SemanticMemory(cfg)
         self.router = Router(cfg)

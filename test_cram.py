@@ -355,9 +355,22 @@ def test_attention_work_is_proportional_to_routed_queries():
 MODES = list(ROUTER_MODES)
 
 
+def test_short_conv_memory_sees_exactly_the_last_three_tokens():
+    """wm_kind="conv" (Zoology's BaseConv, kernel 3): y_t changes with x_{t-2} .. x_t and with
+    nothing earlier or later."""
+    mem = cram.ShortConvMemory(tiny_config(wm_kind="conv"))
+    x = torch.randn(2, 12, mem.out_proj.out_features)
+    t, y = 7, mem(x)
+    for s in range(12):
+        x2 = x.clone()
+        x2[:, s] += 1.0
+        changed = not torch.allclose(mem(x2)[:, t], y[:, t])
+        assert changed == (t - 2 <= s <= t), (s, changed)
+
+
 @pytest.mark.parametrize("mode,wm_kind", [(m, "gated") for m in MODES] + [("learned", "ctrnn"), ("fixed", "ctrnn"),
                                           ("always", "none"), ("learned", "none"), ("learned", "palimpsa"),
-                                          ("fixed", "mamba2")])
+                                          ("fixed", "mamba2"), ("always", "conv")])
 @given(seed=st.integers(0, 2**16), draws=st.data())
 @settings(max_examples=5)
 def test_causality(mode, wm_kind, seed, draws):

@@ -15,6 +15,8 @@
 #
 # - attention: a causal transformer (router_mode=always, no working memory, learned positions; its
 #   consolidation and q-head losses off, so nothing but attention and the MLPs is trained);
+# - attention (conv): Zoology's attention baseline, the same with a short convolution before
+#   attention (wm_kind=conv, BaseConv with kernel 3) in place of the position embeddings;
 # - mamba2-style and palimpsa: the working memory alone (router_mode=never: no attention);
 # - CRAM hybrids with each working memory (gated, mamba2, palimpsa): the router chooses attention
 #   per token; on MQAR no key recurs across examples, so the attention floor is every query.
@@ -73,6 +75,7 @@ CONFIG = ["--dataset=mqar", "--threads=1", f"--max_iters={STEPS}", "--emb_std=1.
           "--eval_interval=" + ("2" if SMALL else "250"), "--log_interval=" + ("2" if SMALL else "100")]
 MODELS = {
     "attention": ["--router_mode=always", "--wm_kind=none", "--w_consol=0", "--w_qhead=0"],
+    "attention (conv)": ["--router_mode=always", "--wm_kind=conv", "--w_consol=0", "--w_qhead=0"],
     "mamba2-style": ["--router_mode=never", "--wm_kind=mamba2"],
     "palimpsa": ["--router_mode=never", "--wm_kind=palimpsa"],
     "CRAM (gated)": ["--wm_kind=gated", f"--attn_warmup={WARMUP}"],
