@@ -103,11 +103,20 @@ def argv(model, T, kv, d):
                                                  f"--n_embd={d}", f"--window={T}", f"--batch_size={TOKENS // T}"]
 
 
-def cell(key):
-    model, T, kv, d = key
+def run_dir(model, T, kv, d):
     budget = "" if STEPS == 2000 or SMALL else f"_s{STEPS}"  # the table's budget, or a longer one
-    path = os.path.join(OUT, f"{model.replace(' ', '_').replace('(', '').replace(')', '')}_{T}_{kv}_d{d}{budget}")
-    return key, runs.ensure(path, argv(*key), SMALL, f"{model} ({T}, {kv}) d={d}")
+    return os.path.join(OUT, f"{model.replace(' ', '_').replace('(', '').replace(')', '')}_{T}_{kv}_d{d}{budget}")
+
+
+def cell(key):
+    return key, runs.ensure(run_dir(*key), argv(*key), SMALL, "{} ({}, {}) d={}".format(*key))
+
+
+def first_step(key, level=0.9):
+    """The first evaluation step at which the run's accuracy reached level, or None."""
+    with open(os.path.join(run_dir(*key), "metrics.jsonl")) as fh:
+        evals = [r for r in map(json.loads, fh) if r["kind"] == "eval"]
+    return next((r["step"] for r in evals if r["acc"] >= level), None)
 
 
 keys = [(m, T, kv, d) for (T, kv) in SIZES for d in WIDTHS for m in MODELS]
@@ -132,6 +141,11 @@ for m in MODELS:
     print(f"| {m} | " + " | ".join(fmt(summaries[(m, T, kv, d)]) for T, kv, d in cols) + " |")
 for ref in sorted({r for v in REFERENCE.values() for r in v}):
     print(f"| {ref} (published) | " + " | ".join(str(REFERENCE.get(c, {}).get(ref, "")) for c in cols) + " |")
+print("\nThe first evaluation (every 250 steps) with accuracy >= 0.9 (-: none)\n")
+print("| model | " + " | ".join(f"({T}, {kv}) d={d}" for T, kv, d in cols) + " |")
+print("|---|" + "---:|" * len(cols))
+for m in MODELS:
+    print(f"| {m} | " + " | ".join(str(first_step((m, T, kv, d)) or "-") for T, kv, d in cols) + " |")
 os.makedirs(OUT, exist_ok=True)
 with open(os.path.join(OUT, "table.json"), "w") as fh:
     json.dump({m: {c: {k: s[k] for k in ("accuracy", "attn_query", "attn_other", "attn_frac")} for c, s in r.items()}
