@@ -341,7 +341,8 @@ def causal_conv(x, weight):
 
 
 class ShortConvMemory(nn.Module):
-    """wm_kind="conv": a gated short causal convolution, Zoology's BaseConv with a kernel of 3,
+    """wm_kind="conv": a gated short causal convolution after Zoology's BaseConv with a kernel of 3
+    (which gates the convolved input itself, with no projections around it),
         y_t = W_o ((w_0 u_t + w_1 u_{t-1} + w_2 u_{t-2}) * g_t),   u = W_u x, g = W_g x.
     It holds nothing beyond two tokens back, so as a working memory it recalls nothing; what it
     gives attention is the tokens just before: Zoology's attention baseline on MQAR is this layer

@@ -883,6 +883,19 @@ def test_resume_equals_uninterrupted_run_bit_for_bit(tmp_path):
     assert no_wall(json.load(open(a / "summary.json"))) == no_wall(json.load(open(b / "summary.json")))
 
 
+def test_resume_takes_a_model_setting_the_checkpoint_lacks_at_its_default(tmp_path):
+    """A checkpoint written before a model setting existed resumes with that setting at its
+    default (as notebooks/runs.py counts it), and refuses another value in one line."""
+    run = TINY_RUN + [f"--out_dir={tmp_path}", "--max_iters=4"]
+    train.main(run + ["--stop_iter=2"])
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    del ckpt["model_args"]["emb_std"]
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    with pytest.raises(ConfigError, match="--emb_std=1.0 differs"):
+        train.main(run + ["--resume", "--emb_std=1.0"])
+    assert train.main(run + ["--resume", f"--emb_std={CramConfig.emb_std}"])["steps"] == 4
+
+
 def test_notebook_runs_continue_an_interrupted_run(tmp_path):
     """notebooks/runs.ensure, which the experiment notebooks train through: a run stopped midway
     (a session that ended) is continued from its checkpoint and ends as the uninterrupted run; a
@@ -900,8 +913,9 @@ def test_notebook_runs_continue_an_interrupted_run(tmp_path):
         assert no_wall(runs.ensure(path, run, small=True)) == no_wall(whole)
         log = open(os.path.join(path, "log.txt")).read()  # a fresh run starts its log again
         assert ("resuming at step 4" in log) == (not other) and log.count("new run") == 1, log
-    done = json.load(open(tmp_path / "b" / "summary.json"))  # its wall time tells a rerun apart
-    assert runs.ensure(str(tmp_path / "b"), run + ["--threads=2", "--ckpt_interval=5"], small=True) == done
+    log = open(tmp_path / "b" / "log.txt").read()  # a rerun or a resume would write to it
+    done = runs.ensure(str(tmp_path / "b"), run + ["--threads=2", "--ckpt_interval=5"], small=True)
+    assert done == json.load(open(tmp_path / "b" / "summary.json")) and open(tmp_path / "b" / "log.txt").read() == log
 
 
 def test_model_input_that_does_not_fit_the_settings_is_one_line(tmp_path):
@@ -963,13 +977,19 @@ def test_checkpoint_errors_and_no_lost_work(tmp_path):
         train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--resume=True"])
 
 
-def test_overwrite_leaves_nothing_of_the_replaced_run(tmp_path):
+def test_overwrite_leaves_nothing_of_the_replaced_run(tmp_path, monkeypatch):
     train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--max_iters=2"])
     assert (tmp_path / "summary.json").exists()
     train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--max_iters=4", "--stop_iter=1", "--overwrite"])
     assert not (tmp_path / "summary.json").exists()  # a reader must not take it for the new run's
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in rows) <= 1
+    # a replacing run that stops before its first checkpoint leaves none of the old run's, which
+    # --resume (or the notebooks) would otherwise continue beside the new run's metrics
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *args, **kwargs: torch.tensor(math.nan))
+    with pytest.raises(train.TrainingError):
+        train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--max_iters=4", "--overwrite"])
+    assert not (tmp_path / "ckpt.pt").exists()
 
 
 def test_init_from_a_run_with_frozen_parts(tmp_path):

@@ -436,7 +436,7 @@ def train(run, model_over, rank=0, local=0, world=1):
     if c.resume:
         ckpt = load_checkpoint(ckpt_path)
         for k, v in model_over.items():
-            if ckpt["model_args"].get(k) != v and k != "attn_impl":  # the same math, either way
+            if ckpt["model_args"].get(k, getattr(CramConfig, k)) != v and k != "attn_impl":  # the same math, either way
                 raise ConfigError(f"--{k}={v} differs from the checkpoint's {ckpt['model_args'].get(k)!r}: a resumed run keeps its model")
         for k in ("dataset", "freeze") + data.setting_keys(ckpt["run"]["dataset"]):
             if ckpt["run"].get(k, DEFAULTS[k]) != run[k]:
@@ -488,7 +488,7 @@ def train(run, model_over, rank=0, local=0, world=1):
                 f.writelines(json.dumps(r) + "\n" for r in rows
                              if r["step"] < step or (r["kind"] == "train" and r["step"] == step))
     elif master:  # a fresh run: nothing of a replaced run may stay beside it
-        names = ["metrics.jsonl", "log.txt", "summary.json", "curves.png"]
+        names = ["ckpt.pt", "metrics.jsonl", "log.txt", "summary.json", "curves.png"]
         for path in [os.path.join(c.out_dir, n) for n in names] + glob.glob(os.path.join(c.out_dir, "ckpt_*.pt")):
             if os.path.exists(path):
                 os.remove(path)

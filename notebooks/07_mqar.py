@@ -15,8 +15,8 @@
 #
 # - attention: a causal transformer (router_mode=always, no working memory, learned positions; its
 #   consolidation and q-head losses off, so nothing but attention and the MLPs is trained);
-# - attention (conv): Zoology's attention baseline, the same with a short convolution before
-#   attention (wm_kind=conv, BaseConv with kernel 3) in place of the position embeddings;
+# - attention (conv): as Zoology's attention baseline, the same with a short convolution before
+#   attention (wm_kind=conv, after BaseConv with kernel 3) in place of the position embeddings;
 # - mamba2-style and palimpsa: the working memory alone (router_mode=never: no attention);
 # - CRAM hybrids with each working memory (gated, mamba2, palimpsa): the router chooses attention
 #   per token; on MQAR no key recurs across examples, so the attention floor is every query.
@@ -59,20 +59,22 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "notebooks")]
 import runs  # noqa: E402  (notebooks/runs.py)
 
 SMALL = os.environ.get("CRAM_NB_SMALL") == "1"
+TABLE_STEPS, EVAL_EVERY = 2000, 2 if SMALL else 250  # the README table's budget; steps between evaluations
 OUT = os.path.join(ROOT, "out", "notebooks", "mqar_small" if SMALL else "mqar")
 try:
     SIZES = [(16, 2), (32, 4)] if SMALL else [tuple(int(n) for n in s.split("x")) for s in
                                                os.environ.get("CRAM_MQAR_SIZES", "64x4,128x8,256x16").split(",")]
     WIDTHS = [16] if SMALL else [int(w) for w in os.environ.get("CRAM_MQAR_WIDTHS", "64,128").split(",")]
-    STEPS = 4 if SMALL else int(os.environ.get("CRAM_MQAR_STEPS", "2000"))
+    STEPS = 4 if SMALL else int(os.environ.get("CRAM_MQAR_STEPS", str(TABLE_STEPS)))
     assert all(len(s) == 2 for s in SIZES) and STEPS > 0
 except (ValueError, AssertionError):
     sys.exit("CRAM_MQAR_SIZES takes tokens x pairs, comma-separated (64x4,128x8), CRAM_MQAR_WIDTHS ints (64,128), "
              "CRAM_MQAR_STEPS a positive int")
 TOKENS, JOBS = (64, 1) if SMALL else (4096, 2)
+BUDGET = "" if STEPS == TABLE_STEPS or SMALL else f"_s{STEPS}"  # another budget: its own folders and files
 WARMUP = STEPS // 4  # CRAM rows: steps of attention on every token before the router is free
 CONFIG = ["--dataset=mqar", "--threads=1", f"--max_iters={STEPS}", "--emb_std=1.0", "--ckpt_interval=100",
-          "--eval_interval=" + ("2" if SMALL else "250"), "--log_interval=" + ("2" if SMALL else "100")]
+          f"--eval_interval={EVAL_EVERY}", "--log_interval=" + ("2" if SMALL else "100")]
 MODELS = {
     "attention": ["--router_mode=always", "--wm_kind=none", "--w_consol=0", "--w_qhead=0"],
     "attention (conv)": ["--router_mode=always", "--wm_kind=conv", "--w_consol=0", "--w_qhead=0"],
@@ -104,8 +106,7 @@ def argv(model, T, kv, d):
 
 
 def run_dir(model, T, kv, d):
-    budget = "" if STEPS == 2000 or SMALL else f"_s{STEPS}"  # the table's budget, or a longer one
-    return os.path.join(OUT, f"{model.replace(' ', '_').replace('(', '').replace(')', '')}_{T}_{kv}_d{d}{budget}")
+    return os.path.join(OUT, f"{model.replace(' ', '_').replace('(', '').replace(')', '')}_{T}_{kv}_d{d}{BUDGET}")
 
 
 def cell(key):
@@ -141,13 +142,14 @@ for m in MODELS:
     print(f"| {m} | " + " | ".join(fmt(summaries[(m, T, kv, d)]) for T, kv, d in cols) + " |")
 for ref in sorted({r for v in REFERENCE.values() for r in v}):
     print(f"| {ref} (published) | " + " | ".join(str(REFERENCE.get(c, {}).get(ref, "")) for c in cols) + " |")
-print("\nThe first evaluation (every 250 steps) with accuracy >= 0.9 (-: none)\n")
+print(f"\nThe first evaluation (every {EVAL_EVERY} steps) with accuracy >= 0.9 (-: none)\n")
 print("| model | " + " | ".join(f"({T}, {kv}) d={d}" for T, kv, d in cols) + " |")
 print("|---|" + "---:|" * len(cols))
 for m in MODELS:
-    print(f"| {m} | " + " | ".join(str(first_step((m, T, kv, d)) or "-") for T, kv, d in cols) + " |")
+    steps = [first_step((m, T, kv, d)) for T, kv, d in cols]
+    print(f"| {m} | " + " | ".join("-" if s is None else str(s) for s in steps) + " |")
 os.makedirs(OUT, exist_ok=True)
-with open(os.path.join(OUT, "table.json"), "w") as fh:
+with open(os.path.join(OUT, f"table{BUDGET}.json"), "w") as fh:
     json.dump({m: {c: {k: s[k] for k in ("accuracy", "attn_query", "attn_other", "attn_frac")} for c, s in r.items()}
                for m, r in rows.items()}, fh, indent=1)
 
@@ -169,4 +171,4 @@ for ax, (T, kv, d) in zip(axes[0], cols):
         ax.legend(fontsize=6, loc="lower right")
 axes[0][0].invert_yaxis()
 fig.tight_layout()
-save_figure(fig, "07_mqar")
+save_figure(fig, f"07_mqar{BUDGET}")
