@@ -113,11 +113,10 @@ def cell(key):
     return key, runs.ensure(run_dir(*key), argv(*key), SMALL, "{} ({}, {}) d={}".format(*key))
 
 
-def first_step(key, level=0.9):
-    """The first evaluation step at which the run's accuracy reached level, or None."""
+def accuracy_curve(key):
+    """{step: accuracy} at the run's evaluations, from its metrics.jsonl."""
     with open(os.path.join(run_dir(*key), "metrics.jsonl")) as fh:
-        evals = [r for r in map(json.loads, fh) if r["kind"] == "eval"]
-    return next((r["step"] for r in evals if r["acc"] >= level), None)
+        return {r["step"]: r["acc"] for r in map(json.loads, fh) if r["kind"] == "eval"}
 
 
 keys = [(m, T, kv, d) for (T, kv) in SIZES for d in WIDTHS for m in MODELS]
@@ -142,12 +141,17 @@ for m in MODELS:
     print(f"| {m} | " + " | ".join(fmt(summaries[(m, T, kv, d)]) for T, kv, d in cols) + " |")
 for ref in sorted({r for v in REFERENCE.values() for r in v}):
     print(f"| {ref} (published) | " + " | ".join(str(REFERENCE.get(c, {}).get(ref, "")) for c in cols) + " |")
-print(f"\nThe first evaluation (every {EVAL_EVERY} steps) with accuracy >= 0.9 (-: none)\n")
-print("| model | " + " | ".join(f"({T}, {kv}) d={d}" for T, kv, d in cols) + " |")
-print("|---|" + "---:|" * len(cols))
-for m in MODELS:
-    steps = [first_step((m, T, kv, d)) for T, kv, d in cols]
-    print(f"| {m} | " + " | ".join("-" if s is None else str(s) for s in steps) + " |")
+curves = {key: accuracy_curve(key) for key in summaries}
+every = max(EVAL_EVERY, STEPS // 8 // EVAL_EVERY * EVAL_EVERY)  # about 8 points a run
+for title, fmt in ((f"The first evaluation (every {EVAL_EVERY} steps) with accuracy >= 0.9 (-: none)",
+                    lambda c: next((str(t) for t, a in c.items() if a >= 0.9), "-")),
+                   (f"Accuracy every {every} steps", lambda c: " ".join(f"{a:.2f}" for t, a in c.items()
+                                                                       if t and t % every == 0))):
+    print(f"\n{title}\n")
+    print("| model | " + " | ".join(f"({T}, {kv}) d={d}" for T, kv, d in cols) + " |")
+    print("|---|" + "---:|" * len(cols))
+    for m in MODELS:
+        print(f"| {m} | " + " | ".join(fmt(curves[(m, T, kv, d)]) for T, kv, d in cols) + " |")
 os.makedirs(OUT, exist_ok=True)
 with open(os.path.join(OUT, f"table{BUDGET}.json"), "w") as fh:
     json.dump({m: {c: {k: s[k] for k in ("accuracy", "attn_query", "attn_other", "attn_frac")} for c, s in r.items()}
