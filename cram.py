@@ -345,8 +345,9 @@ class ShortConvMemory(nn.Module):
     (which gates the convolved input itself, with no projections around it),
         y_t = W_o ((w_0 u_t + w_1 u_{t-1} + w_2 u_{t-2}) * g_t),   u = W_u x, g = W_g x.
     It holds nothing beyond two tokens back, so as a working memory it recalls nothing; what it
-    gives attention is the tokens just before: Zoology's attention baseline on MQAR is this layer
-    then attention, with no position embeddings, and with it a value's position carries its key."""
+    gives attention is the tokens just before: the attention baseline of Zoology's current MQAR
+    configs is this layer then attention, with no position embeddings, and with it a value's
+    position carries its key."""
 
     def __init__(self, cfg, width=3):
         super().__init__()

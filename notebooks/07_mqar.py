@@ -15,8 +15,9 @@
 #
 # - attention: a causal transformer (router_mode=always, no working memory, learned positions; its
 #   consolidation and q-head losses off, so nothing but attention and the MLPs is trained);
-# - attention (conv): as Zoology's attention baseline, the same with a short convolution before
-#   attention (wm_kind=conv, after BaseConv with kernel 3) in place of the position embeddings;
+# - attention (conv): as the attention baseline of Zoology's current configs, the same with a short
+#   convolution before attention (wm_kind=conv, after BaseConv with kernel 3) in place of the
+#   position embeddings (Zoology's also has one head and no MLP);
 # - mamba2-style and palimpsa: the working memory alone (router_mode=never: no attention);
 # - CRAM hybrids with each working memory (gated, mamba2, palimpsa): the router chooses attention
 #   per token; on MQAR no key recurs across examples, so the attention floor is every query.
