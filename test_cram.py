@@ -356,7 +356,7 @@ MODES = list(ROUTER_MODES)
 
 
 def test_short_conv_memory_sees_exactly_the_last_three_tokens():
-    """wm_kind="conv" (Zoology's BaseConv, kernel 3): y_t changes with x_{t-2} .. x_t and with
+    """wm_kind="conv" (after Zoology's BaseConv, kernel 3): y_t changes with x_{t-2} .. x_t and with
     nothing earlier or later."""
     mem = cram.ShortConvMemory(tiny_config(wm_kind="conv"))
     x = torch.randn(2, 12, mem.out_proj.out_features)

@@ -436,8 +436,9 @@ def train(run, model_over, rank=0, local=0, world=1):
     if c.resume:
         ckpt = load_checkpoint(ckpt_path)
         for k, v in model_over.items():
-            if ckpt["model_args"].get(k, getattr(CramConfig, k)) != v and k != "attn_impl":  # the same math, either way
-                raise ConfigError(f"--{k}={v} differs from the checkpoint's {ckpt['model_args'].get(k)!r}: a resumed run keeps its model")
+            was = ckpt["model_args"].get(k, getattr(CramConfig, k))  # a setting newer than the checkpoint: its default
+            if was != v and k != "attn_impl":  # the same math, either way
+                raise ConfigError(f"--{k}={v} differs from the checkpoint's {was!r}: a resumed run keeps its model")
         for k in ("dataset", "freeze") + data.setting_keys(ckpt["run"]["dataset"]):
             if ckpt["run"].get(k, DEFAULTS[k]) != run[k]:
                 raise ConfigError(f"--{k}={run[k]!r} differs from the checkpoint's {ckpt['run'].get(k)!r}: a resumed run keeps its data")

@@ -52,8 +52,9 @@ def interrupted(path, argv):
 
 def ensure(path, argv, small=False, label=""):
     """Train argv into path unless finished(), continuing an interrupted() run (train.py's --resume;
-    exactly as uninterrupted where the thread count is the same) instead of starting it again: in-process and silent in the small mode (the tests),
-    else in a subprocess (its own threads), printing the wall time. -> the summary."""
+    exactly as uninterrupted where the thread count is the same) instead of starting it again:
+    in-process and silent in the small mode (the tests), else in a subprocess (its own threads),
+    printing the wall time. -> the summary."""
     argv = list(argv) + [f"--out_dir={path}"]
     summary = finished(path, argv)
     if summary:
