@@ -58,6 +58,7 @@ ROOT = HERE if os.path.isdir(os.path.join(HERE, "theory")) else os.path.dirname(
 sys.path[:0] = [ROOT, os.path.join(ROOT, "notebooks")]
 
 import runs  # noqa: E402  (notebooks/runs.py)
+from theory import srcd_fit  # noqa: E402  (read_run: any run's evaluations)
 
 SMALL = os.environ.get("CRAM_NB_SMALL") == "1"
 TABLE_STEPS, EVAL_EVERY = 2000, 2 if SMALL else 250  # the README table's budget; steps between evaluations
@@ -115,9 +116,8 @@ def cell(key):
 
 
 def accuracy_curve(key):
-    """{step: accuracy} at the run's evaluations, from its metrics.jsonl."""
-    with open(os.path.join(run_dir(*key), "metrics.jsonl")) as fh:
-        return {r["step"]: r["acc"] for r in map(json.loads, fh) if r["kind"] == "eval"}
+    """{step: accuracy} at the run's evaluations."""
+    return {r["step"]: r["acc"] for r in srcd_fit.read_run(run_dir(*key))[0]}
 
 
 keys = [(m, T, kv, d) for (T, kv) in SIZES for d in WIDTHS for m in MODELS]
