@@ -90,7 +90,7 @@ class CramConfig:
     n_pred: int = 0          # regression outputs per token (SRCD: 1, the next observation)
     n_embd: int = 64         # d, the width of the residual stream
     n_layer: int = 2         # layers (Block), each with its own router
-    n_head: int = 4          # attention heads of the episodic memory
+    n_head: int = 4          # heads of the episodic memory and of the palimpsa and mamba2 memories
     window: int = 512        # episodic buffer: a query at t sees keys t-window+1 .. t
     attn_impl: str = "auto"  # how attention runs: auto, twin, kernel or dense (attention_impl);
                              # auto: dense SDPA if every token is routed, on CUDA the kernel, else twin

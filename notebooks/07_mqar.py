@@ -19,6 +19,9 @@
 #   convolution before attention (wm_kind=conv, after BaseConv with kernel 3) in place of the
 #   position embeddings (Zoology's also has one head and no MLP);
 # - mamba2-style and palimpsa: the working memory alone (router_mode=never: no attention);
+# - mamba2-style (2 heads): the same at Palimpsa's state size. Per layer Palimpsa carries M and the
+#   importance Ibar, 2 H D^2 numbers with H heads of D = d/H; Mamba2-style carries M alone, H D^2 =
+#   d^2/H, so half the heads (of twice the width) give it as many (2048 at d_model 64);
 # - CRAM hybrids with each working memory (gated, mamba2, palimpsa): the router chooses attention
 #   per token; on MQAR no key recurs across examples, so the attention floor is every query.
 #
@@ -82,6 +85,7 @@ MODELS = {
     "attention (conv)": ["--router_mode=always", "--wm_kind=conv", "--w_consol=0", "--w_qhead=0"],
     "mamba2-style": ["--router_mode=never", "--wm_kind=mamba2"],
     "palimpsa": ["--router_mode=never", "--wm_kind=palimpsa"],
+    "mamba2-style (2 heads)": ["--router_mode=never", "--wm_kind=mamba2", "--n_head=2"],  # Palimpsa's state size
     "CRAM (gated)": ["--wm_kind=gated", f"--attn_warmup={WARMUP}"],
     "CRAM (mamba2)": ["--wm_kind=mamba2", f"--attn_warmup={WARMUP}"],
     "CRAM (palimpsa)": ["--wm_kind=palimpsa", f"--attn_warmup={WARMUP}"],
