@@ -88,19 +88,24 @@ def whole_model(device, timer, impl, N, every=64):
                 D=cfg.n_embd // cfg.n_head, dtype="bfloat16 autocast" if cuda else "float32")
 
 
-MEMORY_FORMS = [("gated", cram.gated_scan_sequential), ("palimpsa", cram.palimpsa_scan_sequential),
-                ("mamba2", cram.palimpsa_scan_sequential)]
+# (row name, config, plain twin). "mamba2, 2 heads" has Palimpsa's state size: Palimpsa carries M and
+# Ibar, 2 H D^2 numbers with D = n_embd / H; Mamba2-style carries M alone, so half the heads.
+MEMORY_FORMS = [("gated", dict(wm_kind="gated"), cram.gated_scan_sequential),
+                ("palimpsa", dict(wm_kind="palimpsa"), cram.palimpsa_scan_sequential),
+                ("mamba2", dict(wm_kind="mamba2"), cram.palimpsa_scan_sequential),
+                ("mamba2, 2 heads", dict(wm_kind="mamba2", n_head=2), cram.palimpsa_scan_sequential)]
 
 
 def working_memories(device, timer, B, T):
-    """Forward + backward of one working-memory layer (SRCD's default width: n_embd 64, 4 heads,
-    chunk 16) on (B, T) tokens, chunked and sequential: a row each, ms per call and us per token."""
+    """Forward + backward of one working-memory layer (SRCD's default width: n_embd 64, 4 heads
+    unless the row says, chunk 16) on (B, T) tokens, chunked and sequential: a row each, ms per
+    call and us per token."""
     cuda = device.startswith("cuda")
     autocast = torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext()
     rows = []
-    for kind, twin in MEMORY_FORMS:
+    for name, settings, twin in MEMORY_FORMS:
         torch.manual_seed(0)
-        cfg = cram.CramConfig(vocab_size=366, n_cont=2, n_pred=1, wm_kind=kind)
+        cfg = cram.CramConfig(vocab_size=366, n_cont=2, n_pred=1, **settings)
         wm = cram.CRAM(cfg).blocks[0].wm.to(device)
         x = torch.randn(B, T, cfg.n_embd, device=device, requires_grad=True)
         dtau = torch.rand(B, T, device=device)
@@ -110,8 +115,8 @@ def working_memories(device, timer, B, T):
                     y = wm(x, dtau, scan=scan)
                 y.float().sum().backward()
             ms, mem = timer(step)
-            rows.append(dict(device=device, memory=kind, form=form, B=B, T=T, ms=ms, us_per_token=1e3 * ms / (B * T),
-                             mem_MiB=mem))
+            rows.append(dict(device=device, memory=name, form=form, H=cfg.n_head, B=B, T=T, ms=ms,
+                             us_per_token=1e3 * ms / (B * T), mem_MiB=mem))
     base = rows[0]["ms"]
     for r in rows:
         r["vs_gated"] = r["ms"] / base
@@ -120,10 +125,10 @@ def working_memories(device, timer, B, T):
 
 def print_memories(rows, json_path=None):
     """One line per (memory, form): ms per call, us per token, time relative to the gated memory's chunked scan."""
-    print(f"{'device':6} {'memory':9} {'form':10} {'B':>3} {'T':>5} {'ms':>9} {'us/token':>9} {'x gated':>8} {'MiB':>7}")
+    print(f"{'device':6} {'memory':15} {'form':10} {'H':>2} {'B':>3} {'T':>5} {'ms':>9} {'us/token':>9} {'x gated':>8} {'MiB':>7}")
     for r in rows:
         mem = "-" if r["mem_MiB"] is None else f"{r['mem_MiB']:.0f}"
-        print(f"{r['device']:6} {r['memory']:9} {r['form']:10} {r['B']:3d} {r['T']:5d} {r['ms']:9.1f} "
+        print(f"{r['device']:6} {r['memory']:15} {r['form']:10} {r['H']:2d} {r['B']:3d} {r['T']:5d} {r['ms']:9.1f} "
               f"{r['us_per_token']:9.2f} {r['vs_gated']:8.2f} {mem:>7}")
     if json_path:
         with open(json_path, "w") as f:
@@ -148,7 +153,7 @@ def main():
         dev, timer, impls = "cpu", cpu_timer(5), ["twin"]
         torch.set_num_threads(1)  # CPU timings on one thread: repeatable, and fair to both sides
     if args.memories:
-        print(f"# {dev}: one working-memory layer (n_embd=64, 4 heads, chunk 16), forward + backward, "
+        print(f"# {dev}: one working-memory layer (n_embd=64, 4 heads unless the row says, chunk 16), forward + backward, "
               f"B={args.batch}, T={args.len}, {'bf16 autocast' if dev == 'cuda' else 'fp32, one thread'}")
         return print_memories(working_memories(dev, timer, args.batch, args.len), args.json)
     print(f"# {dev}: CRAM n_embd=64 H=4 n_layer=2, {'bf16 autocast' if dev == 'cuda' else 'fp32'}, B=1, N={args.n}: attention on every 64th "

@@ -203,11 +203,12 @@ def test_memory_benchmark_times_every_form(tmp_path, capsys):
     """bench.py --memories runs on a tiny shape: a row per memory and form, printed and written."""
     import bench
     rows = bench.working_memories("cpu", bench.cpu_timer(1), 2, 20)
-    assert [(r["memory"], r["form"]) for r in rows] == [(m, f) for m, _ in bench.MEMORY_FORMS
+    assert [(r["memory"], r["form"]) for r in rows] == [(m, f) for m, _, _ in bench.MEMORY_FORMS
                                                          for f in ("chunked", "sequential")]
     assert all(r["ms"] > 0 for r in rows) and rows[0]["vs_gated"] == 1.0
+    assert [r["H"] for r in rows] == [s.get("n_head", 4) for _, s, _ in bench.MEMORY_FORMS for _ in "ab"]
     bench.print_memories(rows, tmp_path / "rows.json")
-    assert len(json.load(open(tmp_path / "rows.json"))) == 6 and "palimpsa" in capsys.readouterr().out
+    assert len(json.load(open(tmp_path / "rows.json"))) == 8 and "palimpsa" in capsys.readouterr().out
 
 
 def test_palimpsa_carried_state_is_the_papers_recurrence():
