@@ -153,7 +153,7 @@ def main():
         dev, timer, impls = "cpu", cpu_timer(5), ["twin"]
         torch.set_num_threads(1)  # CPU timings on one thread: repeatable, and fair to both sides
     if args.memories:
-        print(f"# {dev}: one working-memory layer (n_embd=64, 4 heads unless the row says, chunk 16), forward + backward, "
+        print(f"# {dev}: one working-memory layer (n_embd=64, H heads, chunk 16), forward + backward, "
               f"B={args.batch}, T={args.len}, {'bf16 autocast' if dev == 'cuda' else 'fp32, one thread'}")
         return print_memories(working_memories(dev, timer, args.batch, args.len), args.json)
     print(f"# {dev}: CRAM n_embd=64 H=4 n_layer=2, {'bf16 autocast' if dev == 'cuda' else 'fp32'}, B=1, N={args.n}: attention on every 64th "

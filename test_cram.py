@@ -206,7 +206,7 @@ def test_memory_benchmark_times_every_form(tmp_path, capsys):
     assert [(r["memory"], r["form"]) for r in rows] == [(m, f) for m, _, _ in bench.MEMORY_FORMS
                                                          for f in ("chunked", "sequential")]
     assert all(r["ms"] > 0 for r in rows) and rows[0]["vs_gated"] == 1.0
-    assert [r["H"] for r in rows] == [s.get("n_head", 4) for _, s, _ in bench.MEMORY_FORMS for _ in "ab"]
+    assert [r["H"] for r in rows] == [s.get("n_head", 4) for _, s, _ in bench.MEMORY_FORMS for _ in range(2)]
     bench.print_memories(rows, tmp_path / "rows.json")
     assert len(json.load(open(tmp_path / "rows.json"))) == 8 and "palimpsa" in capsys.readouterr().out
 

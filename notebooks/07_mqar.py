@@ -21,7 +21,7 @@
 # - mamba2-style and palimpsa: the working memory alone (router_mode=never: no attention);
 # - mamba2-style (2 heads): the same at Palimpsa's state size. Per layer Palimpsa carries M and the
 #   importance Ibar, 2 H D^2 numbers with H heads of D = d/H; Mamba2-style carries M alone, H D^2 =
-#   d^2/H, so half the heads (of twice the width) give it as many (2048 at d_model 64);
+#   d^2/H, so half the heads (each twice as wide, d_model unchanged) give it as many (2048 at d_model 64);
 # - CRAM hybrids with each working memory (gated, mamba2, palimpsa): the router chooses attention
 #   per token; on MQAR no key recurs across examples, so the attention floor is every query.
 #
