@@ -125,7 +125,8 @@ def working_memories(device, timer, B, T):
 
 def print_memories(rows, json_path=None):
     """One line per (memory, form): ms per call, us per token, time relative to the gated memory's chunked scan."""
-    print(f"{'device':6} {'memory':15} {'form':10} {'H':>2} {'B':>3} {'T':>5} {'ms':>9} {'us/token':>9} {'x gated':>8} {'MiB':>7}")
+    print(f"{'device':6} {'memory':15} {'form':10} {'H':>2} {'B':>3} {'T':>5} {'ms':>9} {'us/token':>9} "
+          f"{'x gated':>8} {'MiB':>7}")
     for r in rows:
         mem = "-" if r["mem_MiB"] is None else f"{r['mem_MiB']:.0f}"
         print(f"{r['device']:6} {r['memory']:15} {r['form']:10} {r['H']:2d} {r['B']:3d} {r['T']:5d} {r['ms']:9.1f} "
