@@ -93,7 +93,8 @@ def whole_model(device, timer, impl, N, every=64):
 MEMORY_FORMS = [("gated", dict(wm_kind="gated"), cram.gated_scan_sequential),
                 ("palimpsa", dict(wm_kind="palimpsa"), cram.palimpsa_scan_sequential),
                 ("mamba2", dict(wm_kind="mamba2"), cram.palimpsa_scan_sequential),
-                ("mamba2, 2 heads", dict(wm_kind="mamba2", n_head=2), cram.palimpsa_scan_sequential)]
+                ("mamba2, 2 heads", dict(wm_kind="mamba2", n_head=2), cram.palimpsa_scan_sequential),
+                ("palimpsa, 2 heads", dict(wm_kind="palimpsa", n_head=2), cram.palimpsa_scan_sequential)]
 
 
 def working_memories(device, timer, B, T):
@@ -125,11 +126,11 @@ def working_memories(device, timer, B, T):
 
 def print_memories(rows, json_path=None):
     """One line per (memory, form): ms per call, us per token, time relative to the gated memory's chunked scan."""
-    print(f"{'device':6} {'memory':15} {'form':10} {'H':>2} {'B':>3} {'T':>5} {'ms':>9} {'us/token':>9} "
+    print(f"{'device':6} {'memory':17} {'form':10} {'H':>2} {'B':>3} {'T':>5} {'ms':>9} {'us/token':>9} "
           f"{'x gated':>8} {'MiB':>7}")
     for r in rows:
         mem = "-" if r["mem_MiB"] is None else f"{r['mem_MiB']:.0f}"
-        print(f"{r['device']:6} {r['memory']:15} {r['form']:10} {r['H']:2d} {r['B']:3d} {r['T']:5d} {r['ms']:9.1f} "
+        print(f"{r['device']:6} {r['memory']:17} {r['form']:10} {r['H']:2d} {r['B']:3d} {r['T']:5d} {r['ms']:9.1f} "
               f"{r['us_per_token']:9.2f} {r['vs_gated']:8.2f} {mem:>7}")
     if json_path:
         with open(json_path, "w") as f:
