@@ -1860,5 +1860,4 @@ def test_theory_notebook_runs(notebook):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert os.path.getsize(png) > 10_000  # a plot was written
     if notebook == "07_mqar.py":  # the whole table: every row but the ones run on request (hours each)
-        table = json.load(open(os.path.join(ROOT, "out", "notebooks", "mqar_small", "table.json")))
-        assert "palimpsa (2 heads)" not in table and {"attention", "palimpsa", "CRAM (palimpsa)"} <= set(table)
+        assert "| palimpsa (2 heads) |" not in res.stdout and "| CRAM (palimpsa) |" in res.stdout

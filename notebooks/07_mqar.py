@@ -95,7 +95,7 @@ MODELS = {
     "CRAM (mamba2)": ["--wm_kind=mamba2", f"--attn_warmup={WARMUP}"],
     "CRAM (palimpsa)": ["--wm_kind=palimpsa", f"--attn_warmup={WARMUP}"],
 }
-ON_REQUEST = {"palimpsa (2 heads)"}  # run only when CRAM_MQAR_MODELS names it: 1-3 CPU hours a cell at d_model 128
+ON_REQUEST = {"palimpsa (2 heads)"}  # run only when CRAM_MQAR_MODELS names it: an hour a cell at d_model 128
 chosen = os.environ.get("CRAM_MQAR_MODELS", ",".join(m for m in MODELS if m not in ON_REQUEST)).split(",")
 if set(chosen) - set(MODELS):
     sys.exit(f"CRAM_MQAR_MODELS takes names from: {','.join(MODELS)}")
@@ -164,9 +164,16 @@ for title, fmt in ((f"The first evaluation (every {EVAL_EVERY} steps) with accur
     for m in MODELS:
         print(f"| {m} | " + " | ".join(fmt(curves[(m, T, kv, d)]) for T, kv, d in cols) + " |")
 os.makedirs(OUT, exist_ok=True)
-with open(os.path.join(OUT, f"table{BUDGET}.json"), "w") as fh:
-    json.dump({m: {c: {k: s[k] for k in ("accuracy", "attn_query", "attn_other", "attn_frac")} for c, s in r.items()}
-               for m, r in rows.items()}, fh, indent=1)
+json_path = os.path.join(OUT, f"table{BUDGET}.json")
+try:
+    table = json.load(open(json_path))  # keeps the cells that other calls (other sizes or rows) printed
+except (OSError, ValueError):
+    table = {}  # none yet, or unreadable: the cells of this call are rebuilt from their runs' summaries
+for m, r in rows.items():
+    table.setdefault(m, {}).update({c: {k: s[k] for k in ("accuracy", "attn_query", "attn_other", "attn_frac")}
+                                    for c, s in r.items()})
+with open(json_path, "w") as fh:
+    json.dump(table, fh, indent=1)
 
 # %% [markdown]
 # ## Plot: accuracy per model and size
