@@ -1847,6 +1847,20 @@ def test_fit_k_log_recovers_k_from_a_noisy_zipf_curve():
         assert lo <= k <= hi and abs(np.log(k / k_true)) < 0.2, (k, k_true)
 
 
+def test_mqar_notebook_parts_keep_each_others_cells():
+    """Notebook 07 called for one row, then for another (the on-request control): table.json holds
+    both, so printing a part of the table never drops the cells of the whole."""
+    env = dict(os.environ, CRAM_NB_SMALL="1", MPLBACKEND="Agg")
+    path = os.path.join(ROOT, "out", "notebooks", "mqar_small", "table.json")
+    if os.path.exists(path):
+        os.remove(path)
+    for model in ("attention", "palimpsa (2 heads)"):
+        res = subprocess.run([sys.executable, os.path.join(ROOT, "notebooks", "07_mqar.py")], capture_output=True,
+                             text=True, timeout=120, env=dict(env, CRAM_MQAR_MODELS=model))
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert set(json.load(open(path))) == {"attention", "palimpsa (2 heads)"}
+
+
 @pytest.mark.parametrize("notebook", ["01_lower_bound.py", "02_consolidation.py", "03_srcd_curves.py",
                                       "04_srcd_ablations.py", "05_gpt2_redundancy.py", "06_srcd_transfer.py",
                                       "07_mqar.py", "08_zipf_gamma.py"])
