@@ -1,39 +1,44 @@
 """
-CRAM: Consolidation-based Routing for Adaptive Memory, the whole model in one file.
+CRAM: Consolidation-based Routing for Adaptive Memory (arXiv 2602.12204), the whole model in one
+file, with Palimpsa (arXiv 2602.09075) among its alternative working memories.
 
-Every layer has three memories and a router. Working memory (a continuous-time recurrence) always
-runs; per token the router adds nothing more (tier W), an exact retrieval by causal attention over
-a window (tier E, episodic) or the output of a small low-rank MLP (tier S, semantic). The paper's
-design: a consolidation loss distils attention's answers into the MLP, so recurring retrievals stop
-needing attention during training. Attention is computed only for the tokens routed to it. What
-the SRCD ablations show (README, "What makes attention fall"): the fall happens, but the
-consolidation loss, the q input and the semantic tier can each be removed without loss, no
-recurring query is answered by semantic memory, and the q-weighted penalty's role there is to keep
-the router from shutting attention off.
+Every layer has three memories and a router. Working memory, a recurrence with a fixed-size
+state, runs on every token; per token the router adds nothing more (tier WORKING), an exact
+retrieval by causal attention over a window (tier EPISODIC), or the output of a small low-rank MLP
+(tier SEMANTIC). A consolidation loss distils attention's answers into the MLP, so that recurring
+retrievals can stop needing attention. Attention is computed only for the tokens routed to it,
+in training and in generation, where a step carries the working memories' fixed-size states and
+the keys and values of the last `window` tokens.
 
-Classes, leaf first as in nanoGPT: CramConfig; RouterMode and the ROUTER_MODES table; the
-kernels' plain twins (routed_attention, gated_scan_sequential / gated_scan_chunked, the Palimpsa
-scans); the tiers GatedCTMemory / CTRNNMemory / PalimpsaMemory (working), EpisodicMemory,
-SemanticMemory; Router; Block; CRAM (embedding, layers, heads, losses); routing_stats and
-class_stats (tensors, read on log steps).
+Order, the core first and each part before its users: CramConfig; routed attention
+(routed_attention, dense_attention, attention_impl); the default working memory GatedCTMemory and
+its scans; EpisodicMemory; SemanticMemory; RouterMode, ROUTER_MODES, Router and route(); Block;
+CRAM, with prefill and step for generation and their LayerCache and Cache; the routing
+statistics (tensors, read on log steps). Then, in a marked section, the
+alternative working memories: CTRNNMemory (the paper's), ShortConvMemory and PalimpsaMemory.
 
     model = CRAM(CramConfig())                          # a token model: (B, T) ids -> logits
     out = model(tokens, targets=targets)                # out["loss"], out["terms"], out["routing"]
+    out, cache = model.eval().prefill(prompt)           # generation: the prompt in parallel,
+    out, cache = model.step(next_token, cache=cache)    # then a token at a time, same logits
 
-Glossary, code name -> paper symbol -> DESIGN.md:
-    dtau           dtau_t, the time gap since the previous observation        (sec. 3)
-    CTRNNMemory    h^(k+1) = h^(k) + dt sigmoid(W_tau log(1+dtau)) tanh(W1 h + W2 x)  (sec. 3;
-                   the paper's inner Euler step dt is 1/K here, K = ctrnn_steps)
-    GatedCTMemory  h_t = a_t h_{t-1} + (1 - a_t) u_t, a_t = exp(-dtau_t lambda_t)   (sec. 4.4)
-    r_E            episodic (attention) output at a token                     (sec. 3)
-    f_sem          semantic memory, SemanticMemory                            (sec. 3)
-    q, q_hat       consolidation quality q_t = exp(-||f_sem(h_t) - r_E||^2 / sigma^2) and the
-                   q-head's estimate of it from h_t alone                      (sec. 3, 4.1)
-    z              the router's straight-through one-hot decision over (W, E, S)  (sec. 3)
-    eps            spot-check rate: extra attention targets during training   (sec. 4.2)
-    attn_frac      share of tokens that used attention in at least one layer  (sec. 5)
+Glossary, code name -> paper symbol; C is arXiv 2602.12204 (CRAM), P is arXiv 2602.09075 (Palimpsa):
+    dtau           dtau_t, the time gap since the previous observation       (C, working memory)
+    CTRNNMemory    h^(k+1) = h^(k) + dt sigmoid(W_tau log(1+dtau)) tanh(W1 h + W2 x)  (C, working
+                   memory; the paper's inner Euler step dt is 1/K here, K = ctrnn_steps)
+    GatedCTMemory  h_t = a_t h_{t-1} + (1 - a_t) u_t, a_t = exp(-dtau_t lambda_t): this code's
+                   linear stand-in for the CT-RNN, scanned in parallel (its docstring says why)
+    r_E            episodic (attention) output at a token                     (C, episodic memory)
+    f_sem          semantic memory, SemanticMemory                            (C, semantic memory)
+    q, q_hat       consolidation quality q_t = exp(-||f_sem(h_t) - r_E||^2 / sigma^2), and the
+                   q-head's estimate of it from h_t alone, which this code adds (Router says why)
+    z              the router's straight-through one-hot decision over the tiers (C, router)
+    WORKING, EPISODIC, SEMANTIC   the tiers' indices in z
+    eps            spot-check rate: extra attention targets during training (this code's;
+                   Block says why)
+    attn_frac      share of tokens that used attention in at least one layer (C, attention compute)
     PalimpsaMemory M_t = a_t M_{t-1} + v_t k_t^T, Ibar_t = a_t Ibar_{t-1} + b_t (k_t^2)^T,
-                   mu_t = M_t / (Ibar_t + I_prior), y_t = mu_t q_t; b = 0 is Mamba2-style  (sec. 8)
+                   mu_t = M_t / (Ibar_t + I_prior), y_t = mu_t q_t; b = 0 is Mamba2-style  (P)
 """
 import functools
 import math
@@ -45,38 +50,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 TIERS = ("working", "episodic", "semantic")
-W, E, S = 0, 1, 2  # tier indices in the router's output
+WORKING, EPISODIC, SEMANTIC = 0, 1, 2  # the tiers' indices in the router's output z
 WM_KINDS = ("gated", "ctrnn", "palimpsa", "mamba2", "conv", "none")
 PALIMPSA_PARAMS = ("code", "paper")
 ATTN_IMPLS = ("auto", "twin", "kernel", "dense")
-
-
-@dataclass(frozen=True)
-class RouterMode:
-    """What one router mode means: Block.forward and route() read the mode from this alone."""
-    attention: str      # who decides E: "router" chooses freely, "all" forces E on every token,
-                        # "none" forbids it, "every_k" forces it on every fixed_every-th token and
-                        # forbids it elsewhere (W vs S is still the router's choice)
-    reads_q: bool       # the router's input includes the q-head's estimate q_hat
-    consolidates: bool  # the consolidation loss trains f_sem and the q-head learns q
-    spot_checks: bool   # in training, a share eps of the other tokens also runs attention
-    penalty: str        # compute penalty on P(E): "q" charges it in proportion to q_hat (when
-                        # cfg.penalty_q, else flat), "flat" always P(E), "none" nothing
-    semantic: bool = True  # S is a tier the router may choose; False: W or E only
-
-
-ROUTER_MODES = {  # the paper's router, its ablations, and three baselines
-    "learned": RouterMode("router", reads_q=True, consolidates=True, spot_checks=True, penalty="q"),
-    "no_q": RouterMode("router", reads_q=False, consolidates=True, spot_checks=True, penalty="q"),
-    "no_semantic": RouterMode("router", reads_q=True, consolidates=True, spot_checks=True, penalty="q",
-                              semantic=False),
-    # the paper's "w/o consolidation"; not static in theory/lower_bound.py's sense: trained with
-    # the model, it has seen the pool (Theorem 2 covers "fixed", "always" and "never" only)
-    "no_consolidation": RouterMode("router", reads_q=False, consolidates=False, spot_checks=True, penalty="flat"),
-    "always": RouterMode("all", reads_q=True, consolidates=True, spot_checks=False, penalty="none"),
-    "never": RouterMode("none", reads_q=True, consolidates=True, spot_checks=False, penalty="none"),
-    "fixed": RouterMode("every_k", reads_q=True, consolidates=True, spot_checks=False, penalty="none"),
-}
 
 
 class ConfigError(ValueError):
@@ -86,27 +63,30 @@ class ConfigError(ValueError):
 @dataclass
 class CramConfig:
     vocab_size: int = 512    # token ids 0 .. vocab_size-1
-    n_cont: int = 0          # continuous inputs per token (SRCD: 2, previous observation and log gap)
+    n_cont: int = 0          # continuous inputs per token (SRCD: 2, last observation, log gap)
     n_pred: int = 0          # regression outputs per token (SRCD: 1, the next observation)
     n_embd: int = 64         # d, the width of the residual stream
     n_layer: int = 2         # layers (Block), each with its own router
     n_head: int = 4          # heads of the episodic memory and of the palimpsa and mamba2 memories
     window: int = 512        # episodic buffer: a query at t sees keys t-window+1 .. t
     attn_impl: str = "auto"  # how attention runs: auto, twin, kernel or dense (attention_impl);
-                             # auto: dense SDPA if every token is routed, on CUDA the kernel, else twin
-    emb_std: float = 0.02    # init std of the token and position embeddings (nanoGPT's 0.02); MQAR needs
-                             # 1.0, PyTorch's default, to learn recall on a CPU budget (README, MQAR table)
+                             # auto: dense SDPA if every token is routed, on CUDA the kernel,
+                             # else twin
+    emb_std: float = 0.02    # init std of the token and position embeddings (nanoGPT's 0.02);
+                             # MQAR needs 1.0, PyTorch's default, to learn recall on a CPU budget
+                             # (README, MQAR table)
     sem_rank: int = 0        # semantic memory rank; 0 means d/16 as in the paper
-    mlp: bool = True         # each layer's MLP; False is the paper's layer, the three tiers and the router
-    wm_kind: str = "gated"   # gated (chunked-scan recurrence), ctrnn (CRAM paper's), palimpsa, mamba2, conv, none
+    mlp: bool = True         # each layer's MLP; False is the paper's layer, tiers and router only
+    wm_kind: str = "gated"   # gated (chunked scan), ctrnn (paper's), palimpsa, mamba2, conv, none
     palimpsa_param: str = "code"  # palimpsa/mamba2 gates: "code" (the authors' code) or "paper"
     palimpsa_prior: float = 1.0   # I_prior of palimpsa_param="paper" (the code's is fixed at 1)
     n_positions: int = 0     # learned absolute position embeddings (nanoGPT) for this many tokens;
-                             # 0: none, order comes from working memory (a transformer baseline needs them)
+                             # 0: none, order comes from working memory (a transformer
+                             # baseline needs them)
     wm_chunk: int = 16       # chunk length of the parallel scan
     ctrnn_steps: int = 2     # K, Euler steps per token of the paper's update
-    router_mode: str = "learned"  # a row of ROUTER_MODES: learned, no_q, no_semantic, no_consolidation, always, ...
-    fixed_every: int = 16    # router_mode="fixed": attention on every k-th token
+    router_mode: str = "learned"  # a row of ROUTER_MODES: learned, no_q, always, never, fixed, ...
+    fixed_every: int = 16    # router_mode="fixed": attention on every k-th token of the sequence
     tau_start: float = 1.0   # Gumbel-softmax temperature, annealed to tau_end over training
     tau_end: float = 0.3     # the temperature at the end of training
     sigma2: float = 0.2      # sigma^2 in q = exp(-err / sigma^2), err the relative squared error:
@@ -115,10 +95,11 @@ class CramConfig:
     w_pred: float = 1.0      # loss weight of the regression (dynamics MSE)
     w_consol: float = 1.0    # loss weight of consolidation ||f_sem - sg(r_E)||^2
     w_qhead: float = 0.1     # loss weight of the q-head's BCE toward sg(q)
-    w_compute: float = 0.5   # loss weight of the compute penalty on the router's P(E)
-    attn_prior: float = 0.9  # the router's initial probability of E: attention use starts high
+    w_compute: float = 0.5   # loss weight of the compute penalty on the router's P(EPISODIC)
+    attn_prior: float = 0.9  # the router's initial P(EPISODIC): attention use starts high
     penalty_q: bool = True   # charge the penalty in proportion to q_hat; False: a flat penalty.
-                             # With q_hat, retrievals semantic memory cannot answer keep attention free
+                             # With q_hat, retrievals semantic memory cannot answer keep
+                             # attention free
     dropout: float = 0.0     # on the embeddings and after each MLP
 
     def __post_init__(self):
@@ -153,7 +134,8 @@ class CramConfig:
             ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
             ("n_cont", self.n_cont >= 0, ">= 0"),
             ("n_pred", self.n_pred >= 0, ">= 0"),
-        ] + [(w, getattr(self, w) >= 0, ">= 0") for w in ("w_pred", "w_consol", "w_qhead", "w_compute")]
+        ] + [(w, getattr(self, w) >= 0, ">= 0")
+             for w in ("w_pred", "w_consol", "w_qhead", "w_compute")]
         for name, ok, want in checks:
             if not ok:
                 raise ConfigError(f"config {name}={getattr(self, name)!r}: expected {want}")
@@ -164,14 +146,14 @@ class CramConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Plain PyTorch twins of the kernels. kernel.py's Triton routed_attention keeps this signature; the
-# scans have no Triton version yet (their chunked form is the layout one would use).
+# Routed attention: the twin of kernel.py's Triton kernel (same signature), the dense
+# reference, and the choice between them.
 
 attention_work = Counter()  # what routed_attention computed: "queries", "scores"
 
 
 def routed_attention(q, k, v, b_idx, t_idx, window):
-    """Causal windowed softmax attention for a subset of query positions (DESIGN.md sec. 4.3).
+    """Causal windowed softmax attention for a subset of query positions (the episodic tier).
 
     q: (M, H, D) queries of the routed tokens only; b_idx, t_idx: (M,) their batch row and
     position, sorted by (b, t); k, v: (B, H, T, D) for every token; window: a query at t sees keys
@@ -230,10 +212,14 @@ def attention_impl(name, is_cuda, head_dim, all_routed):
     return "twin"
 
 
-def gated_scan_sequential(log_a, x):
-    """h_t = exp(log_a_t) * h_{t-1} + x_t with h_{-1} = 0, one step at a time (the test oracle).
-    log_a, x: (B, T, C) -> h: (B, T, C)."""
-    h, out = torch.zeros_like(x[:, 0]), []
+# ---------------------------------------------------------------------------------------------
+# The default working memory: a time-gap-aware gated linear recurrence, run as a chunked scan.
+
+def gated_scan_sequential(log_a, x, h=None):
+    """h_t = exp(log_a_t) * h_{t-1} + x_t, one step at a time: the test oracle, and generation's
+    step. log_a, x: (B, T, C); h: (B, C) the state before the first step, None for 0
+    -> h: (B, T, C)."""
+    h, out = torch.zeros_like(x[:, 0]) if h is None else h, []
     for t in range(x.shape[1]):
         h = log_a[:, t].exp() * h + x[:, t]
         out.append(h)
@@ -258,7 +244,7 @@ def gated_scan_chunked(log_a, x, chunk):
     Each chunk of length C is scanned from a zero state (all chunks at once); then the chunk-final
     states are scanned across chunks, and each chunk adds its entering state decayed to t:
         h_t = h_t^intra + exp(L_t) h_start,   L_t = sum of log_a from the chunk start to t.
-    log_a, x: (B, T, C) -> h: (B, T, C).
+    log_a, x: (B, T, C) -> h: (B, T, C); h[:, -1] is the state after the last step.
     """
     B, T, D = x.shape
     n = -(-T // chunk)
@@ -272,14 +258,12 @@ def gated_scan_chunked(log_a, x, chunk):
     return h.view(B, n * chunk, D)[:, :T]
 
 
-# ---------------------------------------------------------------------------------------------
-# Working memory: two continuous-time recurrences driven by the time gaps dtau.
-
 class GatedCTMemory(nn.Module):
     """Default working memory: a time-gap-aware gated linear recurrence (a diagonal CT-SSM).
 
     dh/dtau = -lambda_t (h - u_t), solved exactly over the gap dtau_t (zero-order hold):
-        a_t = exp(-dtau_t lambda_t),  h_t = a_t h_{t-1} + (1 - a_t) u_t,  y_t = W_o (h_t * silu(g_t))
+        a_t = exp(-dtau_t lambda_t),  h_t = a_t h_{t-1} + (1 - a_t) u_t,
+        y_t = W_o (h_t * silu(g_t))
     with lambda_t = softplus(W_l x_t + b_l) > 0. Why not the paper's update (CTRNNMemory): that one
     is a nonlinear RNN, a Python loop over T (times K Euler steps) that is too slow to train on a
     CPU; this one is linear in h, so it runs as a chunked parallel scan in O(log T) parallel steps,
@@ -295,234 +279,20 @@ class GatedCTMemory(nn.Module):
 
     def forward(self, x, dtau, scan=None):
         """x: (B, T, d), dtau: (B, T) time gaps -> (B, T, d). scan: override the scan (tests)."""
+        return self.extend(x, dtau, None, scan)[0]
+
+    def extend(self, x, dtau, h=None, scan=None):
+        """The same, on from the state h (B, d) after earlier tokens (None: the start) -> y
+        (B, T, d) and the state after x, h (B, d). From the start by the chunked scan (training, a
+        prompt); from a state by the plain recurrence (generation, a token at a time)."""
         u, rate, g = self.in_proj(x).float().chunk(3, dim=-1)  # fp32 under autocast: products of
         log_a = -dtau[..., None] * F.softplus(rate)             # decays lose bf16's 8 bits fast
         xin = -torch.expm1(log_a) * u                                    # (1 - a_t) u_t, (B, T, d)
-        h = scan(log_a, xin) if scan else gated_scan_chunked(log_a, xin, self.chunk)
-        return self.out_proj((h * F.silu(g)).to(x.dtype))
-
-
-class CTRNNMemory(nn.Module):
-    """The paper's working memory (DESIGN.md sec. 3), K Euler steps of size dt = 1/K per token:
-        h^(k+1) = h^(k) + dt sigmoid(W_tau log(1 + dtau_t)) * tanh(W1 h^(k) + W2 x_t)
-    A nonlinear RNN: exact to the paper, sequential, slow. Select with wm_kind="ctrnn"."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        d = cfg.n_embd
-        self.W1 = nn.Linear(d, d, bias=False)
-        self.W2 = nn.Linear(d, d)
-        self.W_tau = nn.Linear(1, d)
-        self.out_proj = nn.Linear(d, d)
-        self.K = cfg.ctrnn_steps
-
-    def step(self, h, x_t, dtau_t):
-        """One token: h (B, d), x_t (B, d), dtau_t (B,) -> the next h (B, d)."""
-        rate = torch.sigmoid(self.W_tau(torch.log1p(dtau_t)[:, None]))  # time-gap gate
-        drive, dt = self.W2(x_t), 1 / self.K                             # dt: the Euler step
-        for _ in range(self.K):
-            h = h + dt * rate * torch.tanh(self.W1(h) + drive)
-        return h
-
-    def forward(self, x, dtau):
-        """x: (B, T, d), dtau: (B, T) time gaps -> (B, T, d), one token at a time."""
-        h, out = x.new_zeros(x.shape[0], x.shape[2]), []
-        for t in range(x.shape[1]):
-            h = self.step(h, x[:, t], dtau[:, t])
-            out.append(h)
-        return self.out_proj(torch.stack(out, 1))
-
-
-def causal_conv(x, weight):
-    """Depthwise causal convolution over time: x (B, T, C), weight (C, w) -> (B, T, C); y_t sees
-    x_{t-w+1} .. x_t. The short convolution gated linear attention layers put before q, k, v."""
-    w = weight.shape[1]
-    return F.conv1d(F.pad(x.transpose(1, 2), (w - 1, 0)), weight[:, None], groups=x.shape[2]).transpose(1, 2)
-
-
-class ShortConvMemory(nn.Module):
-    """wm_kind="conv": a gated short causal convolution after Zoology's BaseConv with a kernel of 3
-    (which gates the convolved input itself, with no projections around it),
-        y_t = W_o ((w_0 u_t + w_1 u_{t-1} + w_2 u_{t-2}) * g_t),   u = W_u x, g = W_g x.
-    It holds nothing beyond two tokens back, so as a working memory it recalls nothing; what it
-    gives attention is the tokens just before: the attention baseline of Zoology's current MQAR
-    configs is this layer then attention, with no position embeddings, and with it a value's
-    position carries its key."""
-
-    def __init__(self, cfg, width=3):
-        super().__init__()
-        d = cfg.n_embd
-        self.in_proj = nn.Linear(d, 2 * d)
-        self.conv = nn.Parameter(torch.empty(d, width).uniform_(-width ** -0.5, width ** -0.5))  # nn.Conv1d's
-        self.out_proj = nn.Linear(d, d)
-
-    def forward(self, x, dtau=None):
-        """x: (B, T, d) -> (B, T, d); the time gaps play no part in a convolution over tokens."""
-        u, g = self.in_proj(x).chunk(2, -1)
-        return self.out_proj(causal_conv(u, self.conv) * g)
-
-
-def palimpsa_scan_sequential(log_a, v, k, b, q, prior, scale):
-    """Palimpsa's recurrence (DESIGN.md sec. 8), one token at a time per head (the test oracle):
-        M_t = a_t M_{t-1} + v_t k_t^T,   Ibar_t = a_t Ibar_{t-1} + b_t (k_t^2)^T,
-        mu_t = M_t / (Ibar_t + I_prior),   y_t = scale * mu_t q_t
-    with M = I * mu and Ibar = I - I_prior carried instead of mu and I. log_a: (B, T, H); v, b:
-    (B, T, H, Dv); k, q: (B, T, H, Dk) -> y (B, T, H, Dv). b = 0 keeps Ibar = 0: gated linear
-    attention with the decay a_t (Mamba2's, in the authors' parametrisation); b = None skips it."""
-    B, T, H, Dv = v.shape
-    M = v.new_zeros(B, H, Dv, k.shape[-1])
-    Ibar = torch.zeros_like(M)
-    out = []
-    for t in range(T):
-        a = log_a[:, t].exp()[..., None, None]                                # (B, H, 1, 1)
-        M = a * M + v[:, t, :, :, None] * k[:, t, :, None, :]
-        if b is not None:
-            Ibar = a * Ibar + b[:, t, :, :, None] * k[:, t, :, None, :] ** 2
-        out.append(scale * ((M / (Ibar + prior)) @ q[:, t, :, :, None])[..., 0])
-    return torch.stack(out, 1)
-
-
-def segment_decays(log_a):
-    """log_a: (..., C) per-step log decays of one chunk -> W: (..., C, C), W[t, s] = exp(sum of
-    log_a over s+1 .. t) for s <= t, else 0: how much of what step s wrote is left at step t.
-    The sums are cumulative sums of a masked copy, not differences of one cumulative sum: a
-    difference of two large sums (a long time gap) would lose the small decays between them."""
-    C = log_a.shape[-1]
-    below = torch.ones(C, C, dtype=torch.bool, device=log_a.device).tril(-1)  # s < t
-    seg = log_a[..., :, None].expand(*log_a.shape, C).masked_fill(~below, 0.0).cumsum(-2)
-    return seg.masked_fill(~below.logical_or(torch.eye(C, dtype=torch.bool, device=log_a.device)),
-                           float("-inf")).exp()
-
-
-def palimpsa_scan_chunked(log_a, v, k, b, q, prior, scale, chunk):
-    """palimpsa_scan_sequential a chunk of C tokens at a time. M and Ibar share one decay per
-    head, so inside a chunk every token's state is a decay-weighted sum of the chunk's inputs plus
-    the decayed state the chunk started from, one matmul with the (C x C) decays W of segment_decays:
-        M_t = sum_{s <= t} W[t, s] v_s k_s^T + exp(L_t) M_start,   L_t = log_a summed to t,
-    the same for Ibar with b_s (k_s^2)^T; the chunk's last state starts the next chunk. Every
-    token's state is materialised, since mu = M / (Ibar + I_prior) divides entry by entry and has no
-    attention-like form (memory O(T H Dv Dk), the price of metaplasticity in plain PyTorch). Chunk
-    by chunk those states stay in cache, which is what makes this form beat the token loop on a CPU
-    (bench.py --memories). b = None (no importance, mamba2): linear_attention_chunked, which needs no
-    per-token state."""
-    B, T, H, Dv = v.shape
-    Dk = k.shape[-1]
-    if b is None:
-        return scale / prior * linear_attention_chunked(log_a, v, k, q, chunk)
-    M = v.new_zeros(B, H, 1, Dv * Dk)                                      # the state entering a chunk
-    Ibar = torch.zeros_like(M)
-    ys = []
-    for s in range(0, T, chunk):
-        la, v_, k_, b_, q_ = (x[:, s:s + chunk].transpose(1, 2) for x in (log_a, v, k, b, q))  # (B, H, C, ...)
-        W = segment_decays(la)                                             # (B, H, C, C)
-        decay_in = la.cumsum(-1).exp()[..., None]                          # exp(L_t): (B, H, C, 1)
-        M = W @ (v_[..., :, None] * k_[..., None, :]).flatten(-2) + decay_in * M   # (B, H, C, Dv Dk)
-        Ibar = W @ (b_[..., :, None] * (k_ ** 2)[..., None, :]).flatten(-2) + decay_in * Ibar
-        mu = (M / (Ibar + prior)).unflatten(-1, (Dv, Dk))
-        ys.append((mu @ q_[..., None])[..., 0].transpose(1, 2))           # (B, C, H, Dv)
-        M, Ibar = M[..., -1:, :], Ibar[..., -1:, :]
-    return scale * torch.cat(ys, 1)
-
-
-def linear_attention_chunked(log_a, v, k, q, chunk):
-    """Gated linear attention, y_t = sum_{s <= t} exp(L_t - L_s) (q_t . k_s) v_s, in chunks (the
-    chunked form of Mamba2's SSD): inside a chunk as attention with the decays W, from earlier
-    chunks through the (Dv x Dk) state entering the chunk, those states scanned across chunks by
-    doubling_scan. All chunks at once: only a state per chunk is materialised. log_a: (B, T, H);
-    v, k, q: (B, T, H, D) -> y (B, T, H, Dv)."""
-    B, T, H, Dv = v.shape
-    n = -(-T // chunk)
-    pad = lambda x: F.pad(x, (0, 0) * (x.dim() - 2) + (0, n * chunk - T))  # zeros: a = 1, nothing written
-    la, v, k, q = (pad(x).view(B, n, chunk, *x.shape[2:]).transpose(2, 3) for x in (log_a, v, k, q))
-    W = segment_decays(la)                                                 # (B, n, H, C, C)
-    L = la.cumsum(-1)                                                      # (B, n, H, C)
-    y = ((q @ k.transpose(-1, -2)) * W) @ v                                # within the chunk
-    ends = (v * W[..., -1, :, None]).transpose(-1, -2) @ k                 # (B, n, H, Dv, Dk): a chunk's own state
-    flat = lambda x: x.transpose(1, 2).reshape(B * H, n, -1)
-    start = doubling_scan(flat(L[..., -1, None]), flat(ends))            # start_{j+1} = a_j start_j + ends_j
-    start = F.pad(start, (0, 0, 1, 0))[:, :-1].view(B, H, n, *ends.shape[-2:]).transpose(1, 2)  # entering chunk j
-    y = y + L.exp()[..., None] * (q @ start.transpose(-1, -2))             # from earlier chunks
-    return y.transpose(2, 3).reshape(B, n * chunk, H, Dv)[:, :T]
-
-
-class PalimpsaMemory(nn.Module):
-    """Palimpsa (arXiv 2602.09075) as working memory: multi-head gated linear attention whose every
-    state entry has an importance Ibar; a synapse's learning rate is b / (Ibar + I_prior), so what
-    was written hard is overwritten slowly (metaplasticity). wm_kind="palimpsa"; "mamba2" is the
-    same layer with b = 0, where Ibar stays 0 and it is gated linear attention with Mamba2's decay.
-
-    Two parametrisations of (a_t, v_t, b_t, I_prior), cfg.palimpsa_param:
-      "code" (default, the authors' public code): a_t = exp(-dt_t A) per head, dt_t =
-        softplus(W_dt x + b_dt), A = exp(A_log); v = bs * v', bs = sigmoid(W_bs x) per head;
-        b = sigmoid(low-rank(x)) * softplus(b_scale) * bs; I_prior = 1; y = mu q / sqrt(Dk).
-        The default because it is what the paper's experiments ran. At b = 0 it is gated linear
-        attention with Mamba2's decay: Mamba2-style (Mamba2 itself also scales the input by dt,
-        has no q/k normalisation and adds a skip term).
-      "paper" (its appendix derivation): gamma = sigmoid(W_g x) per head, beta = gamma *
-        sigmoid(W_b x) per value channel (W_b low rank here, d/16, as the code's b), a_t = 1 -
-        gamma / N (N > 1 a learned window per head),
-        v = beta * v', b = beta, I_prior = cfg.palimpsa_prior; y = mu q. As I_prior grows, Ibar
-        matters less and I_prior * y tends to the plain gated linear recurrence.
-    Both take the time gap: a_t is raised to the power dtau_t (log a_t * dtau_t), as the gated memory
-    decays over the gap. q and k are L2-normalised per head after a short causal convolution (4).
-    """
-
-    def __init__(self, cfg, metaplastic=True):
-        super().__init__()
-        d, H = cfg.n_embd, cfg.n_head
-        self.H, self.D, self.param, self.metaplastic = H, d // H, cfg.palimpsa_param, metaplastic
-        code = cfg.palimpsa_param == "code"
-        self.chunk, self.prior = cfg.wm_chunk, 1.0 if code else cfg.palimpsa_prior
-        self.in_proj = nn.Linear(d, 4 * d)                   # q, k, v and the output gate g
-        self.conv = nn.Parameter(torch.zeros(3 * d, 4))      # short causal convolution of q, k, v
-        self.gate_proj = nn.Linear(d, (2 if code else 1) * H)  # code: dt and bs; paper: gamma
-        if metaplastic or not code:                          # b (code) or beta (paper), low rank
-            self.b_down = nn.Linear(d, max(1, d // 16))
-            self.b_up = nn.Linear(max(1, d // 16), d)
-        if code:
-            self.A_log = nn.Parameter(torch.log(torch.linspace(1.0, 16.0, H)))  # decay rates A
-            self.b_scale = nn.Parameter(torch.zeros(H)) if metaplastic else None  # b's scale
+        if h is not None:
+            h = gated_scan_sequential(log_a, xin, h)                     # h_t, (B, T, d)
         else:
-            self.N_raw = nn.Parameter(torch.linspace(0.0, 4.0, H))  # window N = 1 + exp(N_raw)
-        self.out_proj = nn.Linear(d, d)
-        with torch.no_grad():
-            self.conv[:, -1] = 1.0                           # starts as the identity on the current token
-
-    def low_rank_gate(self, x):
-        """sigmoid(W_up gelu(W_down x)) per head and value channel: (B, T, H, D)."""
-        B, T, _ = x.shape
-        return torch.sigmoid(self.b_up(F.gelu(self.b_down(x))).float()).view(B, T, self.H, self.D)
-
-    def gates(self, x, dtau):
-        """-> log_a (B, T, H), the value scale (B, T, H, 1 or D), and b (B, T, H, D) or None (no
-        importance: the Ibar scan is skipped)."""
-        B, T, _ = x.shape
-        if self.param == "code":
-            g_dt, g_bs = self.gate_proj(x).float().view(B, T, 2, self.H).unbind(2)
-            dt = F.softplus(g_dt - 4.0)                      # bias -4: dt ~ 0.02 at init, a slow start
-            log_a = -dt * self.A_log.exp() * dtau[..., None]
-            bs = torch.sigmoid(g_bs)[..., None]              # (B, T, H, 1)
-            if not self.metaplastic:
-                return log_a, bs, None
-            return log_a, bs, self.low_rank_gate(x) * F.softplus(self.b_scale)[:, None] * bs
-        gamma = torch.sigmoid(self.gate_proj(x).float())     # (B, T, H)
-        log_a = torch.log1p(-gamma / (1 + self.N_raw.exp())) * dtau[..., None]
-        beta = gamma[..., None] * self.low_rank_gate(x)      # (B, T, H, D)
-        return log_a, beta, beta if self.metaplastic else None
-
-    def forward(self, x, dtau, scan=None):
-        """x: (B, T, d), dtau: (B, T) time gaps -> (B, T, d). scan: palimpsa_scan_sequential to
-        use the twin (tests); default the chunked form."""
-        B, T, d = x.shape
-        qkv, g = self.in_proj(x).split([3 * d, d], -1)
-        q, k, v = F.silu(causal_conv(qkv, self.conv)).float().view(B, T, 3, self.H, self.D).unbind(2)
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        log_a, v_scale, b = self.gates(x, dtau)
-        scale = self.D ** -0.5 if self.param == "code" else 1.0
-        scan = scan or functools.partial(palimpsa_scan_chunked, chunk=self.chunk)
-        with torch.autocast(x.device.type, enabled=False):  # fp32 states: autocast would run the
-            y = scan(log_a, v * v_scale, k, b, q, self.prior, scale)  # chunks' matmuls in bf16
-        return self.out_proj((y.reshape(B, T, d) * F.silu(g.float())).to(x.dtype))
+            h = scan(log_a, xin) if scan else gated_scan_chunked(log_a, xin, self.chunk)
+        return self.out_proj((h * F.silu(g)).to(x.dtype)), h[:, -1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -532,23 +302,32 @@ class EpisodicMemory(nn.Module):
     """Causal softmax attention over a window, for the routed tokens (r_E). Keys and values for
     every token (O(T d^2)); queries, scores and sums for routed ones only, by the implementation
     cfg.attn_impl names (resolved per call by attention_impl), except attn_impl="dense", a
-    reference that computes every query and keeps the routed rows."""
+    reference that computes every query and keeps the routed rows. In generation the keys and
+    values of the last `window` tokens wait in a ring (ring, step), so memory is bounded by the
+    window, not by the sequence."""
 
     def __init__(self, cfg):
         super().__init__()
         self.n_head, self.window, self.impl = cfg.n_head, cfg.window, cfg.attn_impl
         if self.impl == "kernel" and triton_attention() is None:
-            raise ConfigError("config attn_impl='kernel': triton is not installed (Linux only); use 'auto' or 'twin'")
+            raise ConfigError("config attn_impl='kernel': triton is not installed (Linux only); "
+                              "use 'auto' or 'twin'")
         self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.kv_proj = nn.Linear(cfg.n_embd, 2 * cfg.n_embd)
         self.out_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
 
-    def forward(self, u, ran, all_routed=False):
+    def forward(self, u, ran, all_routed=False, cache=None, pos=0):
         """u: (B, T, d); ran: (B, T) bool, the tokens that run attention; all_routed: ran is True
-        everywhere (router_mode "always") -> r_E: (B, T, d), zero where attention did not run."""
+        everywhere (router_mode "always") -> r_E: (B, T, d), zero where attention did not run.
+        cache: in generation, the layer's LayerCache, whose rings this call fills (a prompt: it
+        has none yet) or reads and writes (a step: the token at position pos, T = 1)."""
         B, T, d = u.shape
         H, D = self.n_head, d // self.n_head
         k, v = self.kv_proj(u).view(B, T, 2, H, D).permute(2, 0, 3, 1, 4)      # (B, H, T, D) each
+        if cache is not None and cache.k is not None:
+            return self.step(u, ran, all_routed, k, v, cache, pos)
+        if cache is not None:
+            cache.k, cache.v = self.ring(k), self.ring(v)
         impl = attention_impl(self.impl, u.is_cuda, D, all_routed)
         if impl == "dense":  # every query in one SDPA call; the rows that did not run are dropped
             q = self.q_proj(u).view(B, T, H, D).transpose(1, 2)                  # (B, H, T, D)
@@ -560,13 +339,50 @@ class EpisodicMemory(nn.Module):
         y = self.out_proj(attend(q, k, v, b_idx, t_idx, self.window).reshape(-1, d))  # (M, d)
         return u.new_zeros(B, T, d).index_put((b_idx, t_idx), y.to(u.dtype))
 
+    def ring(self, x):
+        """x: (B, H, T, D), a prompt's keys or values -> (B, H, window, D), the last `window` of
+        them, token t in slot t % window: the layout step keeps writing."""
+        B, H, T, D = x.shape
+        ring = x.new_zeros(B, H, self.window, D)
+        t = torch.arange(max(0, T - self.window), T, device=x.device)
+        ring[:, :, t % self.window] = x[:, :, t]
+        return ring
+
+    def step(self, u, ran, all_routed, k, v, cache, pos):
+        """One token at position pos: u (B, 1, d), ran (B, 1), its k, v (B, H, 1, D) -> r_E
+        (B, 1, d). Its key and value overwrite slot pos % window, the token that has just left the
+        window; the rows that route here attend to slots 0 .. n-1, n = min(pos + 1, window): until
+        the ring is full those are tokens 0 .. pos, after that all of it, in ring order, which
+        softmax does not see."""
+        B, _, d = u.shape
+        H, D = self.n_head, d // self.n_head
+        cache.k[:, :, pos % self.window] = k[:, :, 0]
+        cache.v[:, :, pos % self.window] = v[:, :, 0]
+        n = min(pos + 1, self.window)
+        keys, values = cache.k[:, :, :n], cache.v[:, :, :n]                     # (B, H, n, D)
+        r_E = u.new_zeros(B, 1, d)
+        # the rows that attend (M of them); when all do, no gather: a copy of the rings would
+        # cost more than the attention (all_routed: no wait for the device either)
+        rows = None if all_routed else ran[:, 0].nonzero(as_tuple=True)[0]      # (M,)
+        if rows is not None and len(rows) == 0:
+            return r_E
+        if rows is not None and len(rows) < B:
+            u, keys, values = (x.index_select(0, rows) for x in (u, keys, values))
+        else:
+            rows = slice(None)
+        M = u.shape[0]
+        q = self.q_proj(u).view(M, 1, H, D).transpose(1, 2)                     # (M, H, 1, D)
+        y = F.scaled_dot_product_attention(q, keys, values)                     # (M, H, 1, D)
+        attention_work["queries"] += M
+        attention_work["scores"] += M * H * n
+        r_E[rows] = self.out_proj(y.transpose(1, 2).reshape(M, 1, d)).to(u.dtype)
+        return r_E
+
 
 class SemanticMemory(nn.Module):
     """f_sem: a low-rank MLP, d -> rank (= d/16) -> d, trained toward sg(r_E) by consolidation.
-    Kept as the default tier although on SRCD it answers nothing: no recurring query is routed to
-    it, with or without the MLPs (mlp=False), because a recurring key there is one token id and the
-    embedding with the output head is already a lookup table for it (README, "Where recurring
-    queries are answered")."""
+    Where attention's answer to a recurring query has been learned into these weights, the router
+    can send that query here instead, at the cost of two small matmuls instead of a retrieval."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -574,14 +390,52 @@ class SemanticMemory(nn.Module):
         self.up = nn.Linear(cfg.rank, cfg.n_embd)
 
     def forward(self, u):
+        """u: (B, T, d) -> f_sem(u): (B, T, d)."""
         return self.up(F.gelu(self.down(u)))
 
 
+# ---------------------------------------------------------------------------------------------
+# The router: what each mode means (one table), the network, and the decision.
+
+@dataclass(frozen=True)
+class RouterMode:
+    """What one router mode means: Block.forward and route() read the mode from this alone."""
+    attention: str      # who decides EPISODIC: "router" chooses freely, "all" forces it on
+                        # every token, "none" forbids it, "every_k" forces it on every
+                        # fixed_every-th token of the sequence and forbids it elsewhere
+                        # (WORKING vs SEMANTIC is still the router's choice)
+    reads_q: bool       # the router's input includes the q-head's estimate q_hat
+    consolidates: bool  # the consolidation loss trains f_sem and the q-head learns q
+    spot_checks: bool   # in training, a share eps of the other tokens also runs attention
+    penalty: str        # compute penalty on P(EPISODIC): "q" charges it in proportion to q_hat
+                        # (when cfg.penalty_q, else flat), "flat" always, "none" nothing
+    semantic: bool = True  # SEMANTIC is a tier the router may choose; False: the other two
+
+
+ROUTER_MODES = {  # the paper's router, its ablations, and three baselines
+    "learned": RouterMode("router", reads_q=True, consolidates=True, spot_checks=True,
+                          penalty="q"),
+    "no_q": RouterMode("router", reads_q=False, consolidates=True, spot_checks=True, penalty="q"),
+    "no_semantic": RouterMode("router", reads_q=True, consolidates=True, spot_checks=True,
+                              penalty="q", semantic=False),
+    # the paper's "w/o consolidation"; not static in theory/lower_bound.py's sense: trained with
+    # the model, it has seen the pool (Theorem 2 covers "fixed", "always" and "never" only)
+    "no_consolidation": RouterMode("router", reads_q=False, consolidates=False, spot_checks=True,
+                                   penalty="flat"),
+    "always": RouterMode("all", reads_q=True, consolidates=True, spot_checks=False,
+                         penalty="none"),
+    "never": RouterMode("none", reads_q=True, consolidates=True, spot_checks=False,
+                        penalty="none"),
+    "fixed": RouterMode("every_k", reads_q=True, consolidates=True, spot_checks=False,
+                        penalty="none"),
+}
+
+
 class Router(nn.Module):
-    """Three-way Gumbel-softmax router over (W, E, S) with straight-through hard decisions.
+    """Three-way Gumbel-softmax router over the tiers with straight-through hard decisions.
 
     The paper routes on q, but q needs r_E, i.e. attention would have to run before the router
-    could skip it. Here a q-head predicts q from the hidden state alone (DESIGN.md sec. 4.1); it
+    could skip it. Here a q-head predicts q from the hidden state alone; it
     learns from the tokens where r_E is known (routed plus spot checks) and the router reads its
     estimate q_hat. The q-head is a probe: it sees u detached, so it never reshapes the model.
     """
@@ -593,39 +447,45 @@ class Router(nn.Module):
         self.attn_prior = cfg.attn_prior
 
     def forward(self, u, reads_q=True):
-        """u: (B, T, d) -> logits (B, T, 3) over (W, E, S), and q_logit (B, T), the q-head's
-        logit: q_hat = sigmoid(q_logit), kept as a logit so its loss is autocast-safe BCE."""
+        """u: (B, T, d) -> logits (B, T, 3) over (WORKING, EPISODIC, SEMANTIC), and q_logit
+        (B, T), the q-head's logit: q_hat = sigmoid(q_logit), kept as a logit so that its loss is
+        autocast-safe BCE."""
         q_logit = self.q_head(u.detach()).squeeze(-1)
         q_in = torch.sigmoid(q_logit).detach() if reads_q else torch.zeros_like(q_logit)
         return self.logits(torch.cat([u, q_in[..., None].to(u.dtype)], -1)), q_logit
 
 
-def route(logits, mode, tau, training, fixed_every):
-    """The router's decision z (B, T, 3), one-hot over (W, E, S): a straight-through Gumbel-softmax
-    sample in training, the argmax in evaluation, with E forced or forbidden as mode.attention
-    (a RouterMode) says."""
+def route(logits, mode, tau, training, fixed_every, offset=0):
+    """The router's decision z (B, T, 3), one-hot over (WORKING, EPISODIC, SEMANTIC), from logits
+    (B, T, 3): a straight-through Gumbel-softmax sample in training, the argmax in evaluation, with
+    EPISODIC forced or forbidden as mode.attention (a RouterMode) says. offset: the absolute
+    position of the first of the T tokens (generation's steps), for "every_k", which forces
+    positions fixed_every-1, 2 fixed_every-1, ... of the whole sequence."""
     B, T, _ = logits.shape
     if mode.attention == "all":
-        return F.one_hot(torch.full((B, T), E, device=logits.device), 3).to(logits.dtype)
+        return F.one_hot(torch.full((B, T), EPISODIC, device=logits.device), 3).to(logits.dtype)
     forced = torch.zeros(B, T, dtype=torch.bool, device=logits.device)
     if mode.attention != "router" or not mode.semantic:
         logits = logits.clone()
-        if mode.attention != "router":  # "none" and "every_k": E is not the router's to choose
-            logits[..., E] = float("-inf")
+        if mode.attention != "router":  # "none", "every_k": not the router's choice
+            logits[..., EPISODIC] = float("-inf")
         if not mode.semantic:
-            logits[..., S] = float("-inf")
+            logits[..., SEMANTIC] = float("-inf")
         if mode.attention == "every_k":
-            forced[:, fixed_every - 1::fixed_every] = True
+            forced[:, (-offset - 1) % fixed_every::fixed_every] = True  # (offset + t + 1) % k == 0
     if training:
         z = F.gumbel_softmax(logits, tau=tau, hard=True)
     else:
         z = F.one_hot(logits.argmax(-1), 3).to(logits.dtype)
-    if mode.attention == "every_k":  # E on the forced tokens, built on the device (no host copy)
+    if mode.attention == "every_k":  # EPISODIC on the forced tokens, built on the device
         e_hot = torch.zeros_like(z)
-        e_hot[..., E] = 1
+        e_hot[..., EPISODIC] = 1
         z = torch.where(forced[..., None], e_hot, z)
     return z
 
+
+# ---------------------------------------------------------------------------------------------
+# The layer and the model.
 
 class MLP(nn.Module):
     def __init__(self, cfg):
@@ -635,18 +495,21 @@ class MLP(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
+        """x: (B, T, d) -> (B, T, d), nanoGPT's MLP."""
         return self.drop(self.proj(F.gelu(self.fc(x))))
 
 
 class Block(nn.Module):
     """One CRAM layer:
         h   = x + WM(ln1(x), dtau)                      working memory, every token
-        u   = ln2(h);  z = route(u, q_hat(u))           decision over (W, E, S)
-        h   = h + z_E r_E(u) + z_S f_sem(u)             W adds nothing beyond working memory
+        u   = ln2(h);  z = route(u, q_hat(u))           decision over (WORKING, EPISODIC, SEMANTIC)
+        h   = h + z_E r_E(u) + z_S f_sem(u)             WORKING adds nothing more
         out = h + MLP(ln3(h))                             (without cfg.mlp: out = h)
-    r_E is used only where the router chose E, plus (in training) a spot-check sample whose
+    r_E is used only where the router chose EPISODIC, plus (in training) a spot-check sample whose
     output is not added: z_E = 0 there, but it gives the consolidation targets and, through the
     straight-through z_E, the router's gradient for attention on tokens it did not pick.
+    Generation runs the same equations with a LayerCache: the working memory goes on from its
+    state, attention reads the cached keys (see CRAM.step).
     """
 
     def __init__(self, cfg):
@@ -655,39 +518,50 @@ class Block(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
         self.ln3 = nn.LayerNorm(cfg.n_embd) if cfg.mlp else None
         self.wm = {"gated": lambda: GatedCTMemory(cfg), "ctrnn": lambda: CTRNNMemory(cfg),
-                   "palimpsa": lambda: PalimpsaMemory(cfg), "mamba2": lambda: PalimpsaMemory(cfg, metaplastic=False),
+                   "palimpsa": lambda: PalimpsaMemory(cfg),
+                   "mamba2": lambda: PalimpsaMemory(cfg, metaplastic=False),
                    "conv": lambda: ShortConvMemory(cfg), "none": lambda: None}[cfg.wm_kind]()
         self.episodic = EpisodicMemory(cfg)
         self.semantic = SemanticMemory(cfg)
         self.router = Router(cfg)
         self.mlp = MLP(cfg) if cfg.mlp else None
 
-    def forward(self, x, dtau, tau, mode, losses=True):
+    def forward(self, x, dtau, tau, mode, losses=True, cache=None, pos=0):
         """x: (B, T, d), dtau: (B, T) time gaps, mode: a RouterMode -> (B, T, d), this layer's loss
         terms (0-dim tensors; none unless losses) and its routing: z (B, T, 3) and q_hat (B, T),
-        detached."""
+        detached. cache: in generation, this layer's LayerCache, updated in place; pos: the
+        absolute position of x's first token."""
         cfg = self.cfg
-        h = x + self.wm(self.ln1(x), dtau) if self.wm is not None else x  # "none": a transformer block
+        if self.wm is None:  # "none": a transformer block
+            h = x
+        elif cache is None:
+            h = x + self.wm(self.ln1(x), dtau)
+        else:  # on from the state before x (None before a prompt); keep the one after
+            y, cache.wm = self.wm.extend(self.ln1(x), dtau, cache.wm)
+            h = x + y
         u = self.ln2(h)
         logits, q_logit = self.router(u, mode.reads_q)
         logits, q_hat = logits.float(), torch.sigmoid(q_logit.float())  # fp32 under autocast:
-        z = route(logits, mode, tau, self.training, cfg.fixed_every)     # bf16 Gumbel draws tie
-        ran = z[..., E] > 0                                              # attention runs, (B, T)
+        z = route(logits, mode, tau, self.training, cfg.fixed_every, pos)  # bf16 Gumbel draws tie
+        ran = z[..., EPISODIC] > 0                                       # attention runs, (B, T)
         if self.training and mode.spot_checks and cfg.spot_check > 0:
             ran = ran | (torch.rand(ran.shape, device=x.device) < cfg.spot_check)
-        r_E = self.episodic(u, ran, all_routed=mode.attention == "all")           # (B, T, d)
+        r_E = self.episodic(u, ran, mode.attention == "all", cache, pos)           # (B, T, d)
         f_sem = self.semantic(u)                                                 # (B, T, d)
-        h = h + (z[..., E, None] * r_E + z[..., S, None] * f_sem).to(h.dtype)
+        h = h + (z[..., EPISODIC, None] * r_E + z[..., SEMANTIC, None] * f_sem).to(h.dtype)
         out = h + self.mlp(self.ln3(h)) if self.mlp is not None else h
         routing = dict(z=z.detach().float(), q_hat=q_hat.detach().float())
         if not losses:  # inference: no consolidation targets to compare, nothing to charge
             return out, {}, routing
 
         zero = u.new_zeros((), dtype=torch.float32)
-        terms = self.consolidation(u, r_E, ran, q_logit) if mode.consolidates else dict(consol=zero, qhead=zero)
+        if mode.consolidates:
+            terms = self.consolidation(u, r_E, ran, q_logit)
+        else:
+            terms = dict(consol=zero, qhead=zero)
         # compute penalty on the router's attention probability; with penalty_q it is charged in
         # proportion to q_hat, so an unconsolidated retrieval is never pushed off attention
-        p_E = logits.softmax(-1)[..., E]
+        p_E = logits.softmax(-1)[..., EPISODIC]
         charge = p_E * q_hat.detach() if mode.penalty == "q" and cfg.penalty_q else p_E
         terms["compute"] = zero if mode.penalty == "none" else charge.mean()
         return out, terms, routing
@@ -712,6 +586,9 @@ class Block(nn.Module):
 
 
 class CRAM(nn.Module):
+    """Embeddings, n_layer Blocks, the heads and the losses. forward runs a whole sequence in
+    parallel; prefill and step run it incrementally for generation (same equations, same output)."""
+
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
@@ -745,8 +622,8 @@ class CRAM(nn.Module):
                 m.in_proj.bias[d:2 * d] = torch.linspace(-4, 2, d)
         if isinstance(m, Router):  # start by assuming nothing is consolidated (q_hat ~ 0.12)
             nn.init.constant_(m.q_head.bias, -2.0)
-            p = m.attn_prior  # softmax(0, b, 0)[E] = p  <=>  b = log(2p / (1 - p))
-            nn.init.constant_(m.logits.bias[E], math.log(2 * p / (1 - p)))
+            p = m.attn_prior  # softmax(0, b, 0)[EPISODIC] = p  <=>  b = log(2p / (1 - p))
+            nn.init.constant_(m.logits.bias[EPISODIC], math.log(2 * p / (1 - p)))
         if isinstance(m, EpisodicMemory):
             # W_q = W_k at init, std 1/sqrt(d): a repeated key then scores ||W_q u||^2 against its
             # binding from the first step, instead of ~0 like every other key. At init on SRCD a
@@ -758,19 +635,22 @@ class CRAM(nn.Module):
                 m.kv_proj.weight[:d].copy_(m.q_proj.weight)
 
     def forward(self, tokens, dtau=None, cont=None, targets=None, pred_targets=None, tau=1.0,
-                router_mode=None):
+                router_mode=None, cache=None):
         """
-        tokens: (B, T) ids, or (B, T, S) with S token slots per position whose embeddings are summed
-        (SRCD puts key and value of a binding at one position); dtau: (B, T) time gaps (default 1);
+        tokens: (B, T) ids, or (B, T, S) with S token slots per position whose embeddings are
+        summed (SRCD puts key and value of a binding at one position); dtau: (B, T) time gaps
+        (default 1);
         cont: (B, T, n_cont) continuous inputs, needed when cfg.n_cont > 0; targets: (B, T) ids,
         -1 = no target; pred_targets: (B, T, n_pred) regression targets, NaN = no target; tau: the
         router's temperature; router_mode: a key of ROUTER_MODES for this call only (train.py's
         attention warm-up). Returns a dict: logits (B, T, V); pred (B, T, n_pred) or None;
         routing: z (L, B, T, 3) and q_hat (L, B, T), detached, for routing_stats; with targets
         also loss (scalar) and terms (each loss term, a detached 0-dim tensor). Nothing here
-        copies a value to the host: the caller reads what it logs, when it logs.
+        copies a value to the host: the caller reads what it logs, when it logs. cache: a Cache,
+        for generation (prefill, step): x's tokens follow the cache's, which takes x's in place.
         """
-        self.check_inputs(tokens, dtau, cont, targets, pred_targets)
+        pos = 0 if cache is None else cache.pos                 # the absolute position of token 0
+        self.check_inputs(tokens, dtau, cont, targets, pred_targets, cache)
         cfg = self.cfg
         mode = ROUTER_MODES[router_mode or cfg.router_mode]
         if tokens.dim() == 2:
@@ -781,20 +661,25 @@ class CRAM(nn.Module):
         if self.cont_proj is not None:
             x = x + self.cont_proj(cont)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(T, device=tokens.device))
+            x = x + self.pos_emb(torch.arange(pos, pos + T, device=tokens.device))
         x = self.drop(x)
         terms, routing = {}, []
-        for block in self.blocks:
-            x, t, r = block(x, dtau, tau, mode, losses=targets is not None)
+        for i, block in enumerate(self.blocks):
+            x, t, r = block(x, dtau, tau, mode, losses=targets is not None,
+                            cache=None if cache is None else cache.layers[i], pos=pos)
             terms = {k: terms.get(k, 0) + v for k, v in t.items()}
             routing.append(r)
+        if cache is not None:
+            cache.pos += T
         x = self.ln_f(x)
         logits = self.lm_head(x)
         pred = self.pred_head(x) if self.pred_head is not None else None
-        out = dict(logits=logits, pred=pred, routing={k: torch.stack([r[k] for r in routing]) for k in routing[0]})
+        out = dict(logits=logits, pred=pred,
+                   routing={k: torch.stack([r[k] for r in routing]) for k in routing[0]})
         if targets is not None:
             terms = {k: v / cfg.n_layer for k, v in terms.items()}
-            ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1, reduction="sum")
+            ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1,
+                                 reduction="sum")
             terms["ce"] = ce / (targets >= 0).sum().clamp_min(1)  # 0, not NaN, with no targets
             terms["mse"] = logits.new_zeros((), dtype=torch.float32)
             if pred is not None and pred_targets is not None:
@@ -806,7 +691,25 @@ class CRAM(nn.Module):
             out["terms"] = {k: v.detach() for k, v in terms.items()}
         return out
 
-    def check_inputs(self, tokens, dtau, cont, targets, pred_targets):
+    @torch.no_grad()
+    def prefill(self, tokens, dtau=None, cont=None):
+        """Generation, first the prompt, in parallel: tokens (B, T) or (B, T, S), dtau (B, T),
+        cont (B, T, n_cont) -> forward's output for it (logits (B, T, V), pred, routing) and a
+        Cache of every layer's state after it. In eval mode: the router takes its argmax."""
+        cache = Cache(0, [LayerCache() for _ in self.blocks])
+        return self(tokens, dtau, cont, cache=cache), cache
+
+    @torch.no_grad()
+    def step(self, tokens, dtau=None, cont=None, cache=None):
+        """Then one token at a time: tokens (B, 1) or (B, 1, S), dtau (B, 1), cont (B, 1, n_cont)
+        at position cache.pos -> forward's output for it (logits (B, 1, V), pred (B, 1, n_pred)
+        or None, routing z (L, B, 1, 3) and q_hat (L, B, 1)) and the cache, updated in place.
+        Every working memory goes on from its state (a fixed size), and attention runs only in
+        the rows and layers whose router chose EPISODIC, against the cached keys: the same
+        equations as forward on the whole sequence, which gives the same logits and routing."""
+        return self(tokens, dtau, cont, cache=cache), cache
+
+    def check_inputs(self, tokens, dtau, cont, targets, pred_targets, cache=None):
         """One clear line for inputs that do not fit this model, before anything deep fails. A
         ConfigError (a ValueError), so train.py prints it as one line: a shape that does not fit
         the config, such as --n_positions below the sequence length, is a setting to change."""
@@ -814,34 +717,74 @@ class CRAM(nn.Module):
             raise ConfigError(f"CRAM.forward: {msg}")
         cfg = self.cfg
         if tokens.dim() not in (2, 3) or tokens.is_floating_point():
-            fail(f"tokens must be integer ids (B, T) or (B, T, S); got {tuple(tokens.shape)} {tokens.dtype}")
+            fail(f"tokens must be integer ids (B, T) or (B, T, S); got {tuple(tokens.shape)} "
+                 f"{tokens.dtype}")
         B, T = tokens.shape[:2]
-        if cfg.n_positions and T > cfg.n_positions:
-            fail(f"{T} tokens, but position embeddings for n_positions={cfg.n_positions} only")
+        pos = 0 if cache is None else cache.pos
+        if cfg.n_positions and pos + T > cfg.n_positions:
+            fail(f"{pos + T} tokens, but position embeddings for n_positions={cfg.n_positions} "
+                 "only")
+        if cache is not None and self.training:
+            fail("generation (a cache) decides as in evaluation: call model.eval() first")
+        if cache is not None and pos > 0 and T != 1:
+            fail(f"a step takes one token after the prompt; got {T}")
         if cfg.n_cont and cont is None:
-            fail(f"this model reads n_cont={cfg.n_cont} continuous inputs per token: pass cont ({B}, {T}, {cfg.n_cont})")
-        want = dict(dtau=(B, T), cont=(B, T, cfg.n_cont), targets=(B, T), pred_targets=(B, T, cfg.n_pred))
-        for name, x in dict(dtau=dtau, cont=cont, targets=targets, pred_targets=pred_targets).items():
+            fail(f"this model reads n_cont={cfg.n_cont} continuous inputs per token: pass cont "
+                 f"({B}, {T}, {cfg.n_cont})")
+        want = dict(dtau=(B, T), cont=(B, T, cfg.n_cont), targets=(B, T),
+                    pred_targets=(B, T, cfg.n_pred))
+        given = dict(dtau=dtau, cont=cont, targets=targets, pred_targets=pred_targets)
+        for name, x in given.items():
             if x is not None and tuple(x.shape) != want[name]:
-                fail(f"{name} has shape {tuple(x.shape)}; with tokens {tuple(tokens.shape)} and n_cont="
-                     f"{cfg.n_cont}, n_pred={cfg.n_pred} it must be {want[name]}")
+                fail(f"{name} has shape {tuple(x.shape)}; with tokens {tuple(tokens.shape)} and "
+                     f"n_cont={cfg.n_cont}, n_pred={cfg.n_pred} it must be {want[name]}")
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
 
+@dataclass
+class LayerCache:
+    """One layer's memory of the tokens so far, for generation."""
+    wm: object = None         # the working memory's state, as its extend returns it: gated and
+                              # ctrnn h (B, d); conv its last inputs; palimpsa (conv inputs, M,
+                              # Ibar); mamba2 (conv inputs, M, None); wm_kind="none": None
+    k: torch.Tensor = None    # (B, H, window, D): the last `window` tokens' keys, token t in slot
+    v: torch.Tensor = None    # t % window (EpisodicMemory.ring); the values, laid out as k
+
+
+@dataclass
+class Cache:
+    """What generation carries from one token to the next: a fixed size per sequence, bounded
+    by the window, not by the number of tokens."""
+    pos: int                  # tokens seen: the absolute position of the next one
+    layers: list              # a LayerCache per layer
+
+    def nbytes(self):
+        """(bytes of the working memories' states, bytes of the key and value rings), all rows."""
+        def size(x):
+            if isinstance(x, (tuple, list)):
+                return sum(size(y) for y in x)
+            return x.numel() * x.element_size() if torch.is_tensor(x) else 0
+        return (sum(size(c.wm) for c in self.layers), sum(size((c.k, c.v)) for c in self.layers))
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing statistics: tensors, read by the caller on log steps.
+
 def attended(z):
     """z (L, B, T, 3) -> (B, T) float: 1 where the token used attention in at least one layer."""
-    return (z[..., E].amax(0) > 0).float()
+    return (z[..., EPISODIC].amax(0) > 0).float()
 
 
 def routing_stats(routing):
     """From forward's routing tensors: attn_frac, the share of tokens that used attention in at
-    least one layer (DESIGN.md sec. 5); attn_pair_frac, the share of (token, layer) pairs; sem_frac;
-    per layer the share of tokens on each tier and the mean q_hat. 0-dim tensors."""
+    least one layer (the paper's attention compute); attn_pair_frac, the share of (token, layer)
+    pairs; sem_frac; per layer the share of tokens on each tier and the mean q_hat. 0-dim
+    tensors."""
     z, q_hat = routing["z"], routing["q_hat"]                 # (L, B, T, 3), (L, B, T)
-    stats = dict(attn_frac=attended(z).mean(), attn_pair_frac=z[..., E].mean(),
-                 sem_frac=z[..., S].mean())
+    stats = dict(attn_frac=attended(z).mean(), attn_pair_frac=z[..., EPISODIC].mean(),
+                 sem_frac=z[..., SEMANTIC].mean())
     for i in range(z.shape[0]):
         for j, tier in enumerate(TIERS):
             stats[f"L{i}_{tier}"] = z[i, ..., j].mean()
@@ -850,9 +793,9 @@ def routing_stats(routing):
 
 
 def class_stats(routing, classes):
-    """Per token class, classes = {name: (B, T) bool mask}: attn_<name>, the share of its tokens that
-    used attention in any layer; sem_<name>, its share of (token, layer) pairs on semantic memory;
-    q_<name>, its mean q_hat. 0-dim tensors, NaN for a class with no tokens."""
+    """Per token class, classes = {name: (B, T) bool mask}: attn_<name>, the share of its tokens
+    that used attention in any layer; sem_<name>, its share of (token, layer) pairs on semantic
+    memory; q_<name>, its mean q_hat. 0-dim tensors, NaN for a class with no tokens."""
     z, q_hat = routing["z"], routing["q_hat"]                 # (L, B, T, 3), (L, B, T)
     any_attn = attended(z)                                    # (B, T)
     stats = {}
@@ -860,7 +803,7 @@ def class_stats(routing, classes):
         m = mask.float()
         n = m.sum()
         stats[f"attn_{name}"] = (any_attn * m).sum() / n
-        stats[f"sem_{name}"] = (z[..., S] * m).sum() / (n * len(z))
+        stats[f"sem_{name}"] = (z[..., SEMANTIC] * m).sum() / (n * len(z))
         stats[f"q_{name}"] = (q_hat * m).sum() / (n * len(z))
     return stats
 
@@ -868,3 +811,279 @@ def class_stats(routing, classes):
 def router_tau(cfg, frac):
     """Temperature at a fraction frac in [0, 1] of training: geometric from tau_start to tau_end."""
     return cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** min(max(frac, 0.0), 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Alternative working memories (wm_kind): the paper's CT-RNN, a short convolution, and
+# Palimpsa with its Mamba2-style limit. Each has GatedCTMemory's forward(x, dtau) -> y and
+# extend(x, dtau, state) -> (y, state), the state a generation step carries on from.
+
+class CTRNNMemory(nn.Module):
+    """The paper's working memory (arXiv 2602.12204, the CT-ODE expert), K Euler steps of size
+    dt = 1/K per token:
+        h^(k+1) = h^(k) + dt sigmoid(W_tau log(1 + dtau_t)) * tanh(W1 h^(k) + W2 x_t)
+    A nonlinear RNN: exact to the paper, sequential, slow. Select with wm_kind="ctrnn"."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg.n_embd
+        self.W1 = nn.Linear(d, d, bias=False)
+        self.W2 = nn.Linear(d, d)
+        self.W_tau = nn.Linear(1, d)
+        self.out_proj = nn.Linear(d, d)
+        self.K = cfg.ctrnn_steps
+
+    def step(self, h, x_t, dtau_t):
+        """One token: h (B, d), x_t (B, d), dtau_t (B,) -> the next h (B, d)."""
+        rate = torch.sigmoid(self.W_tau(torch.log1p(dtau_t)[:, None]))  # time-gap gate
+        drive, dt = self.W2(x_t), 1 / self.K                             # dt: the Euler step
+        for _ in range(self.K):
+            h = h + dt * rate * torch.tanh(self.W1(h) + drive)
+        return h
+
+    def forward(self, x, dtau):
+        """x: (B, T, d), dtau: (B, T) time gaps -> (B, T, d), one token at a time."""
+        return self.extend(x, dtau)[0]
+
+    def extend(self, x, dtau, h=None):
+        """The same, on from the state h (B, d) (None: the start, h = 0) -> y (B, T, d) and the
+        state after x, h (B, d)."""
+        h, out = x.new_zeros(x.shape[0], x.shape[2]) if h is None else h, []
+        for t in range(x.shape[1]):
+            h = self.step(h, x[:, t], dtau[:, t])
+            out.append(h)
+        return self.out_proj(torch.stack(out, 1)), h
+
+
+def causal_conv(x, weight, past=None):
+    """Depthwise causal convolution over time: x (B, T, C), weight (C, w) -> y (B, T, C), y_t sees
+    x_{t-w+1} .. x_t; and the last w-1 inputs (B, w-1, C), the next call's past. past: the w-1
+    inputs before x (None: zeros, the sequence starts here). The short convolution gated linear
+    attention layers put before q, k, v."""
+    w = weight.shape[1]
+    xt = x.transpose(1, 2)                                                        # (B, C, T)
+    xt = F.pad(xt, (w - 1, 0)) if past is None else torch.cat([past.transpose(1, 2), xt], 2)
+    y = F.conv1d(xt, weight[:, None], groups=x.shape[2]).transpose(1, 2)
+    return y, xt[..., xt.shape[2] - (w - 1):].transpose(1, 2)
+
+
+class ShortConvMemory(nn.Module):
+    """wm_kind="conv": a gated short causal convolution after Zoology's BaseConv with a kernel of 3
+    (which gates the convolved input itself, with no projections around it),
+        y_t = W_o ((w_0 u_t + w_1 u_{t-1} + w_2 u_{t-2}) * g_t),   u = W_u x, g = W_g x.
+    It holds nothing beyond two tokens back, so as a working memory it recalls nothing; what it
+    gives attention is the tokens just before: the attention baseline of Zoology's current MQAR
+    configs is this layer then attention, with no position embeddings, and with it a value's
+    position carries its key."""
+
+    def __init__(self, cfg, width=3):
+        super().__init__()
+        d = cfg.n_embd
+        self.in_proj = nn.Linear(d, 2 * d)
+        bound = width ** -0.5                                                 # nn.Conv1d's init
+        self.conv = nn.Parameter(torch.empty(d, width).uniform_(-bound, bound))
+        self.out_proj = nn.Linear(d, d)
+
+    def forward(self, x, dtau=None):
+        """x: (B, T, d) -> (B, T, d); the time gaps play no part in a convolution over tokens."""
+        return self.extend(x, dtau)[0]
+
+    def extend(self, x, dtau=None, past=None):
+        """The same after the inputs past (B, width-1, d) of the convolution (None: the start)
+        -> y (B, T, d) and the last width-1 inputs, the state."""
+        u, g = self.in_proj(x).chunk(2, -1)
+        c, past = causal_conv(u, self.conv, past)
+        return self.out_proj(c * g), past
+
+
+def palimpsa_scan_sequential(log_a, v, k, b, q, prior, scale, state=None, return_state=False):
+    """Palimpsa's recurrence (arXiv 2602.09075), one token at a time per head (the test oracle,
+    and generation's step):
+        M_t = a_t M_{t-1} + v_t k_t^T,   Ibar_t = a_t Ibar_{t-1} + b_t (k_t^2)^T,
+        mu_t = M_t / (Ibar_t + I_prior),   y_t = scale * mu_t q_t
+    with M = I * mu and Ibar = I - I_prior carried instead of mu and I. log_a: (B, T, H); v, b:
+    (B, T, H, Dv); k, q: (B, T, H, Dk) -> y (B, T, H, Dv). b = 0 keeps Ibar = 0: gated linear
+    attention with the decay a_t (Mamba2's, in the authors' parametrisation); b = None skips it.
+    state: (M, Ibar), each (B, H, Dv, Dk) or Ibar None, before the first token (None: zeros);
+    return_state: also return the state after the last token, Ibar None when b is None."""
+    B, T, H, Dv = v.shape
+    M, Ibar = state if state is not None else (v.new_zeros(B, H, Dv, k.shape[-1]), None)
+    Ibar = torch.zeros_like(M) if Ibar is None else Ibar
+    out = []
+    for t in range(T):
+        a = log_a[:, t].exp()[..., None, None]                                # (B, H, 1, 1)
+        M = a * M + v[:, t, :, :, None] * k[:, t, :, None, :]
+        if b is not None:
+            Ibar = a * Ibar + b[:, t, :, :, None] * k[:, t, :, None, :] ** 2
+        out.append(scale * ((M / (Ibar + prior)) @ q[:, t, :, :, None])[..., 0])
+    y = torch.stack(out, 1)
+    return (y, (M, Ibar if b is not None else None)) if return_state else y
+
+
+def segment_decays(log_a):
+    """log_a: (..., C) per-step log decays of one chunk -> W: (..., C, C), W[t, s] = exp(sum of
+    log_a over s+1 .. t) for s <= t, else 0: how much of what step s wrote is left at step t.
+    The sums are cumulative sums of a masked copy, not differences of one cumulative sum: a
+    difference of two large sums (a long time gap) would lose the small decays between them."""
+    C = log_a.shape[-1]
+    below = torch.ones(C, C, dtype=torch.bool, device=log_a.device).tril(-1)  # s < t
+    seg = log_a[..., :, None].expand(*log_a.shape, C).masked_fill(~below, 0.0).cumsum(-2)
+    return seg.masked_fill(~below.logical_or(torch.eye(C, dtype=torch.bool, device=log_a.device)),
+                           float("-inf")).exp()
+
+
+def palimpsa_scan_chunked(log_a, v, k, b, q, prior, scale, chunk, return_state=False):
+    """palimpsa_scan_sequential a chunk of C tokens at a time. M and Ibar share one decay per
+    head, so inside a chunk every token's state is a decay-weighted sum of the chunk's inputs
+    plus the decayed state the chunk started from, one matmul with the (C x C) decays W of
+    segment_decays:
+        M_t = sum_{s <= t} W[t, s] v_s k_s^T + exp(L_t) M_start,   L_t = log_a summed to t,
+    the same for Ibar with b_s (k_s^2)^T; the chunk's last state starts the next chunk. Every
+    token's state is materialised, since mu = M / (Ibar + I_prior) divides entry by entry and has
+    no attention-like form (memory O(T H Dv Dk), the price of metaplasticity in plain PyTorch).
+    Chunk by chunk those states stay in cache, which is what makes this form beat the token loop
+    on a CPU (bench.py --memories). b = None (no importance, mamba2): linear_attention_chunked,
+    which needs no per-token state. return_state: also return (M, Ibar) after the last token,
+    each (B, H, Dv, Dk), Ibar None when b is None, as palimpsa_scan_sequential."""
+    B, T, H, Dv = v.shape
+    Dk = k.shape[-1]
+    if b is None:
+        y, M = linear_attention_chunked(log_a, v, k, q, chunk, return_state=True)
+        y = scale / prior * y
+        return (y, (M, None)) if return_state else y
+    M = v.new_zeros(B, H, 1, Dv * Dk)                               # the state entering a chunk
+    Ibar = torch.zeros_like(M)
+    ys = []
+    for s in range(0, T, chunk):
+        la, v_, k_, b_, q_ = (x[:, s:s + chunk].transpose(1, 2)
+                              for x in (log_a, v, k, b, q))               # (B, H, C, ...)
+        W = segment_decays(la)                                             # (B, H, C, C)
+        decay_in = la.cumsum(-1).exp()[..., None]                          # exp(L_t): (B, H, C, 1)
+        M = W @ (v_[..., :, None] * k_[..., None, :]).flatten(-2) + decay_in * M  # (B, H, C, Dv Dk)
+        Ibar = W @ (b_[..., :, None] * (k_ ** 2)[..., None, :]).flatten(-2) + decay_in * Ibar
+        mu = (M / (Ibar + prior)).unflatten(-1, (Dv, Dk))
+        ys.append((mu @ q_[..., None])[..., 0].transpose(1, 2))           # (B, C, H, Dv)
+        M, Ibar = M[..., -1:, :], Ibar[..., -1:, :]
+    y = scale * torch.cat(ys, 1)
+    if not return_state:
+        return y
+    return y, (M.reshape(B, H, Dv, Dk).clone(), Ibar.reshape(B, H, Dv, Dk).clone())
+
+
+def linear_attention_chunked(log_a, v, k, q, chunk, return_state=False):
+    """Gated linear attention, y_t = sum_{s <= t} exp(L_t - L_s) (q_t . k_s) v_s, in chunks (the
+    chunked form of Mamba2's SSD): inside a chunk as attention with the decays W, from earlier
+    chunks through the (Dv x Dk) state entering the chunk, those states scanned across chunks by
+    doubling_scan. All chunks at once: only a state per chunk is materialised. log_a: (B, T, H);
+    v, k, q: (B, T, H, D) -> y (B, T, H, Dv); return_state: and the state after the last token,
+    sum_s exp(L_T - L_s) v_s k_s^T, (B, H, Dv, Dk)."""
+    B, T, H, Dv = v.shape
+    n = -(-T // chunk)
+    pad = lambda x: F.pad(x, (0, 0) * (x.dim() - 2) + (0, n * chunk - T))  # zeros: a = 1, no write
+    la, v, k, q = (pad(x).view(B, n, chunk, *x.shape[2:]).transpose(2, 3)
+                   for x in (log_a, v, k, q))
+    W = segment_decays(la)                                                 # (B, n, H, C, C)
+    L = la.cumsum(-1)                                                      # (B, n, H, C)
+    y = ((q @ k.transpose(-1, -2)) * W) @ v                                # within the chunk
+    ends = (v * W[..., -1, :, None]).transpose(-1, -2) @ k  # a chunk's own state, (B, n, H, Dv, Dk)
+    flat = lambda x: x.transpose(1, 2).reshape(B * H, n, -1)
+    ends_all = doubling_scan(flat(L[..., -1, None]), flat(ends))  # after chunk j, (B H, n, Dv Dk)
+    start = F.pad(ends_all, (0, 0, 1, 0))[:, :-1]                 # entering chunk j: start_{j+1} =
+    start = start.view(B, H, n, *ends.shape[-2:]).transpose(1, 2)  # a_j start_j + ends_j
+    y = y + L.exp()[..., None] * (q @ start.transpose(-1, -2))             # from earlier chunks
+    y = y.transpose(2, 3).reshape(B, n * chunk, H, Dv)[:, :T]
+    if not return_state:
+        return y
+    return y, ends_all[:, -1].reshape(B, H, *ends.shape[-2:]).clone()  # padding wrote nothing
+
+
+class PalimpsaMemory(nn.Module):
+    """Palimpsa (arXiv 2602.09075) as working memory: multi-head gated linear attention whose every
+    state entry has an importance Ibar; a synapse's learning rate is b / (Ibar + I_prior), so what
+    was written hard is overwritten slowly (metaplasticity). wm_kind="palimpsa"; "mamba2" is the
+    same layer with b = 0, where Ibar stays 0 and it is gated linear attention with Mamba2's decay.
+
+    Two parametrisations of (a_t, v_t, b_t, I_prior), cfg.palimpsa_param:
+      "code" (default, the authors' public code): a_t = exp(-dt_t A) per head, dt_t =
+        softplus(W_dt x + b_dt), A = exp(A_log); v = bs * v', bs = sigmoid(W_bs x) per head;
+        b = sigmoid(low-rank(x)) * softplus(b_scale) * bs; I_prior = 1; y = mu q / sqrt(Dk).
+        The default because it is what the paper's experiments ran. At b = 0 it is gated linear
+        attention with Mamba2's decay: Mamba2-style (Mamba2 itself also scales the input by dt,
+        has no q/k normalisation and adds a skip term).
+      "paper" (its appendix derivation): gamma = sigmoid(W_g x) per head, beta = gamma *
+        sigmoid(W_b x) per value channel (W_b low rank here, d/16, as the code's b), a_t = 1 -
+        gamma / N (N > 1 a learned window per head),
+        v = beta * v', b = beta, I_prior = cfg.palimpsa_prior; y = mu q. As I_prior grows, Ibar
+        matters less and I_prior * y tends to the plain gated linear recurrence.
+    Both take the time gap: a_t is raised to the power dtau_t (log a_t * dtau_t), as the gated
+    memory decays over the gap. q and k are L2-normalised per head after a short causal
+    convolution (4).
+    """
+
+    def __init__(self, cfg, metaplastic=True):
+        super().__init__()
+        d, H = cfg.n_embd, cfg.n_head
+        self.H, self.D, self.param, self.metaplastic = H, d // H, cfg.palimpsa_param, metaplastic
+        code = cfg.palimpsa_param == "code"
+        self.chunk, self.prior = cfg.wm_chunk, 1.0 if code else cfg.palimpsa_prior
+        self.in_proj = nn.Linear(d, 4 * d)                   # q, k, v and the output gate g
+        self.conv = nn.Parameter(torch.zeros(3 * d, 4))      # short causal convolution of q, k, v
+        self.gate_proj = nn.Linear(d, (2 if code else 1) * H)  # code: dt and bs; paper: gamma
+        if metaplastic or not code:                          # b (code) or beta (paper), low rank
+            self.b_down = nn.Linear(d, max(1, d // 16))
+            self.b_up = nn.Linear(max(1, d // 16), d)
+        if code:
+            self.A_log = nn.Parameter(torch.log(torch.linspace(1.0, 16.0, H)))  # decay rates A
+            self.b_scale = nn.Parameter(torch.zeros(H)) if metaplastic else None  # b's scale
+        else:
+            self.N_raw = nn.Parameter(torch.linspace(0.0, 4.0, H))  # window N = 1 + exp(N_raw)
+        self.out_proj = nn.Linear(d, d)
+        with torch.no_grad():
+            self.conv[:, -1] = 1.0                           # starts as the identity
+
+    def low_rank_gate(self, x):
+        """sigmoid(W_up gelu(W_down x)) per head and value channel: (B, T, H, D)."""
+        B, T, _ = x.shape
+        return torch.sigmoid(self.b_up(F.gelu(self.b_down(x))).float()).view(B, T, self.H, self.D)
+
+    def gates(self, x, dtau):
+        """-> log_a (B, T, H), the value scale (B, T, H, 1 or D), and b (B, T, H, D) or None (no
+        importance: the Ibar scan is skipped)."""
+        B, T, _ = x.shape
+        if self.param == "code":
+            g_dt, g_bs = self.gate_proj(x).float().view(B, T, 2, self.H).unbind(2)
+            dt = F.softplus(g_dt - 4.0)                      # bias -4: dt ~ 0.02 at init
+            log_a = -dt * self.A_log.exp() * dtau[..., None]
+            bs = torch.sigmoid(g_bs)[..., None]              # (B, T, H, 1)
+            if not self.metaplastic:
+                return log_a, bs, None
+            return log_a, bs, self.low_rank_gate(x) * F.softplus(self.b_scale)[:, None] * bs
+        gamma = torch.sigmoid(self.gate_proj(x).float())     # (B, T, H)
+        log_a = torch.log1p(-gamma / (1 + self.N_raw.exp())) * dtau[..., None]
+        beta = gamma[..., None] * self.low_rank_gate(x)      # (B, T, H, D)
+        return log_a, beta, beta if self.metaplastic else None
+
+    def forward(self, x, dtau, scan=None):
+        """x: (B, T, d), dtau: (B, T) time gaps -> (B, T, d). scan: palimpsa_scan_sequential to
+        use the twin (tests); default the chunked form."""
+        return self.extend(x, dtau, None, scan)[0]
+
+    def extend(self, x, dtau, state=None, scan=None):
+        """The same, on from state = (the convolution's last 3 inputs (B, 3, 3d), M, Ibar), M and
+        Ibar (B, H, D, D), Ibar None for mamba2 (None: the start) -> y (B, T, d) and the state
+        after x. From the start by the chunked scan, from a state by the token loop."""
+        B, T, d = x.shape
+        past, M = (None, None) if state is None else (state[0], state[1:])
+        qkv, g = self.in_proj(x).split([3 * d, d], -1)
+        qkv, past = causal_conv(qkv, self.conv, past)                      # (B, T, 3d)
+        q, k, v = F.silu(qkv).float().view(B, T, 3, self.H, self.D).unbind(2)  # (B, T, H, D)
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        log_a, v_scale, b = self.gates(x, dtau)
+        scale = self.D ** -0.5 if self.param == "code" else 1.0
+        if M is not None:
+            scan = functools.partial(palimpsa_scan_sequential, state=M)
+        scan = scan or functools.partial(palimpsa_scan_chunked, chunk=self.chunk)
+        with torch.autocast(x.device.type, enabled=False):  # fp32 states: autocast would run the
+            y, M = scan(log_a, v * v_scale, k, b, q, self.prior, scale,  # chunks' matmuls in bf16
+                        return_state=True)
+        return self.out_proj((y.reshape(B, T, d) * F.silu(g.float())).to(x.dtype)), (past, *M)

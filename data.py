@@ -12,21 +12,24 @@ The datasets train.py trains on, one class each, all with the same small interfa
                                              # the host copies m of the metrics
     data.plot(rows, out, batch, path)        # a run's curves.png, from its metrics.jsonl rows
 
-train.py exposes each setting as --<prefix><field> (--srcd_len=2048), and a resumed run must keep
-all of them. DATASETS maps --dataset to the class.
+train.py exposes each setting as --<prefix><field> (--srcd_len=2048); a resumed run keeps them
+all from its checkpoint. DATASETS maps --dataset to the class.
 
 Token files for language modelling are made once by the preparation command (nanoGPT's format):
 
     python data.py prepare --source=openwebtext              # -> data/openwebtext/{train,val}.bin
     python data.py prepare --source='books/*.txt' --out_dir=data/books --encoding=bytes
     python data.py prepare --source=pydoc --encoding=bytes   # a tiny corpus Python ships, offline
+    python data.py prepare --source=stdlib --encoding=bytes  # CPython's Lib/*.py, 12 MB, offline
 """
 import argparse
 import glob
 import importlib
 import json
 import os
+import re
 import sys
+import sysconfig
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -37,7 +40,8 @@ from cram import ConfigError, attended, class_stats
 
 @dataclass
 class SRCD:
-    """Sparse Retrieval in Continuous Dynamics, generated as DESIGN.md sec. 5 lays it out.
+    """Sparse Retrieval in Continuous Dynamics (arXiv 2602.12204, the SRCD benchmark; the paper
+    publishes its ratios, not its token layout, which is this project's).
 
     Every position observes a continuous signal (three random sinusoids plus noise) at a time
     that advances by a Pareto-distributed gap; the model predicts the observation from the past
@@ -60,12 +64,13 @@ class SRCD:
     gap: float = 0.2          # mean time gap
     noise: float = 0.05       # observation noise of the continuous signal
     pool_seed: int = 0        # the recurring pool is part of the task: fixed unless changed here
-    pool_new: int = 0         # give the first pool_new patterns other values (transfer to a pool that
-                              # shares pool - pool_new bindings with the one trained on)
-    shared_keys: bool = False # draw the pool at random from one key space shared with the novel keys,
-                              # so a key id says nothing of recurrence (theory: Theorem 2)
-    zipf: float = 0.0         # recurring patterns drawn with p_i ~ i^-zipf (theory/zipf.py); 0: uniform
-                              # (Zipf draws with replacement, as the theory; uniform once per sequence)
+    pool_new: int = 0         # give the first pool_new patterns other values (transfer to a pool
+                              # that shares pool - pool_new bindings with the one trained on)
+    shared_keys: bool = False # draw the pool at random from one key space shared with the novel
+                              # keys, so a key id says nothing of recurrence (theory: Theorem 2)
+    zipf: float = 0.0         # recurring patterns drawn with p_i ~ i^-zipf (theory/zipf.py); 0:
+                              # uniform (Zipf draws with replacement, as the theory; uniform once
+                              # per sequence)
 
     prefix = "srcd_"          # class attributes, not settings
     n_cont, n_pred = 2, 1     # continuous inputs (previous observation, log gap); the observation
@@ -78,15 +83,23 @@ class SRCD:
         self.n_novel = self.n_query - self.n_recurring
         p = self.prefix
         for ok, msg in [(n >= 2, f"{p}len={n}: expected >= 2"),
-                        (2 * self.n_query <= n, f"{p}query={self.query}: at most half the positions can be queries"),
-                        (0 <= self.recurring <= 1, f"{p}recurring={self.recurring}: expected in [0, 1]"),
-                        (self.n_recurring <= self.pool, f"{p}pool={self.pool}: fewer than the {self.n_recurring} recurring pairs per sequence"),
-                        (self.n_novel <= self.novel_keys, f"{p}novel_keys={self.novel_keys}: fewer than the {self.n_novel} novel pairs per sequence"),
+                        (2 * self.n_query <= n,
+                         f"{p}query={self.query}: at most half the positions can be queries"),
+                        (0 <= self.recurring <= 1,
+                         f"{p}recurring={self.recurring}: expected in [0, 1]"),
+                        (self.n_recurring <= self.pool,
+                         f"{p}pool={self.pool}: fewer than the {self.n_recurring} recurring pairs "
+                         "per sequence"),
+                        (self.n_novel <= self.novel_keys,
+                         f"{p}novel_keys={self.novel_keys}: fewer than the {self.n_novel} novel "
+                         "pairs per sequence"),
                         (self.values >= 2, f"{p}values={self.values}: expected >= 2"),
-                        (self.pareto > 1, f"{p}pareto={self.pareto}: expected > 1 (a finite mean gap)"),
+                        (self.pareto > 1,
+                         f"{p}pareto={self.pareto}: expected > 1 (a finite mean gap)"),
                         (self.gap > 0 and self.noise >= 0, f"{p}gap must be > 0 and {p}noise >= 0"),
                         (self.zipf >= 0, f"{p}zipf={self.zipf}: expected >= 0 (0: a uniform pool)"),
-                        (0 <= self.pool_new <= self.pool, f"{p}pool_new={self.pool_new}: expected 0 .. pool")]:
+                        (0 <= self.pool_new <= self.pool,
+                         f"{p}pool_new={self.pool_new}: expected 0 .. pool")]:
             if not ok:
                 raise ConfigError(msg)
         self.key0 = 2                          # key ids, then value ids
@@ -94,11 +107,14 @@ class SRCD:
         self.vocab_size = self.value0 + self.values
         rng = np.random.default_rng(self.pool_seed)
         self.pool_values = rng.integers(self.values, size=self.pool)
-        shift = np.random.default_rng([self.pool_seed, 1]).integers(1, self.values, size=self.pool_new)
-        self.pool_values[:self.pool_new] = (self.pool_values[:self.pool_new] + shift) % self.values  # never the old value
+        shift = np.random.default_rng([self.pool_seed, 1]).integers(1, self.values,
+                                                                    size=self.pool_new)
+        # never the old value
+        self.pool_values[:self.pool_new] = (self.pool_values[:self.pool_new] + shift) % self.values
         keys = self.key0 + (rng.permutation(self.pool + self.novel_keys) if self.shared_keys
                             else np.arange(self.pool + self.novel_keys))
-        self.pool_keys, self.novel_key_ids = keys[:self.pool], keys[self.pool:]  # (pool,), (novel_keys,)
+        # (pool,), (novel_keys,)
+        self.pool_keys, self.novel_key_ids = keys[:self.pool], keys[self.pool:]
         self.in_pool = np.isin(np.arange(self.vocab_size), self.pool_keys)     # (vocab,) bool
         self.in_pool_t = torch.from_numpy(self.in_pool)
         weights = np.arange(1, self.pool + 1, dtype=float) ** -self.zipf
@@ -124,7 +140,8 @@ class SRCD:
         else:  # the stream every uniform-pool result was measured with
             rk = rng.choice(self.pool, self.n_recurring, replace=False)
         keys[recurring], values[recurring] = self.pool_keys[rk], self.pool_values[rk]
-        keys[~recurring] = self.novel_key_ids[rng.choice(self.novel_keys, self.n_novel, replace=False)]
+        keys[~recurring] = self.novel_key_ids[rng.choice(self.novel_keys, self.n_novel,
+                                                         replace=False)]
         values[~recurring] = rng.integers(self.values, size=self.n_novel)
         tokens[pairs[:, 0]] = np.stack([keys, self.value0 + values], 1)
         tokens[pairs[:, 1], 0], tokens[pairs[:, 1], 1] = keys, self.QUERY
@@ -132,7 +149,8 @@ class SRCD:
         # the signal: Pareto gaps (x_m chosen so the mean gap is `gap`), three sinusoids
         gaps = (rng.pareto(self.pareto, n) + 1) * self.gap * (self.pareto - 1) / self.pareto
         tau = np.cumsum(gaps)
-        amp, freq, phase = rng.uniform(0.5, 1, 3), rng.uniform(0.5, 3, 3), rng.uniform(0, 2 * np.pi, 3)
+        amp, freq, phase = (rng.uniform(0.5, 1, 3), rng.uniform(0.5, 3, 3),
+                            rng.uniform(0, 2 * np.pi, 3))
         y = (amp * np.sin(freq * tau[:, None] + phase)).sum(1) / np.sqrt(1.5)
         y = y + self.noise * rng.standard_normal(n)
         y_prev = np.concatenate([[0.0], y[:-1]])
@@ -162,7 +180,8 @@ class SRCD:
         """Retrieval accuracy over all queries and per class (acc, acc_recurring, acc_novel),
         routing per class (cram.class_stats), and open_recurring: the share of recurring queries
         not answered right without attention (on attention, or wrong): above attn_recurring by the
-        queries the router has taken off attention too early. The dynamics MSE is the loss term mse."""
+        queries the router has taken off attention too early. The dynamics MSE is the loss term
+        mse."""
         hit = (out["logits"].argmax(-1) == batch["targets"]).float()
         classes = self.classes(batch["tokens"])
         m = {"acc": (hit * (batch["targets"] >= 0)).sum() / (batch["targets"] >= 0).sum()}
@@ -197,30 +216,33 @@ class SRCD:
         fig = Figure(figsize=(12, 7.5))
         ax0, ax1 = fig.add_subplot(2, 2, 1), fig.add_subplot(2, 2, 2)
         for name, color in (("recurring", "C0"), ("novel", "C3"), ("other", "C7")):
-            ax0.plot(col("train", "step"), col("train", f"attn_{name}"), "-", color=color, label=f"attention, {name}")
+            ax0.plot(col("train", "step"), col("train", f"attn_{name}"), "-", color=color,
+                     label=f"attention, {name}")
             ax0.plot(col("eval", "step"), col("eval", f"attn_{name}"), "o", color=color)
             if name != "other":
                 ax0.plot(col("train", "step"), col("train", f"q_{name}"), "--", color=color,
                          label=f"q_hat, {name} queries")
-                ax1.plot(col("train", "step"), col("train", f"acc_{name}"), "-", color=color, label=f"{name} queries")
+                ax1.plot(col("train", "step"), col("train", f"acc_{name}"), "-", color=color,
+                         label=f"{name} queries")
                 ax1.plot(col("eval", "step"), col("eval", f"acc_{name}"), "o", color=color)
-        ax0.set(xlabel="step", ylabel="share of the class on attention / mean q_hat", ylim=(-0.03, 1.03),
-                title="routing per token class")
+        ax0.set(xlabel="step", ylabel="share of the class on attention / mean q_hat",
+                ylim=(-0.03, 1.03), title="routing per token class")
         ax0.legend(fontsize=7)
-        ax1.set(xlabel="step", ylabel="retrieval accuracy", ylim=(-0.03, 1.03), title="retrieval per class")
+        ax1.set(xlabel="step", ylabel="retrieval accuracy", ylim=(-0.03, 1.03),
+                title="retrieval per class")
         ax1.legend(fontsize=8)
         ax2 = fig.add_subplot(2, 1, 2)
-        z = out["routing"]["z"][:, 0].argmax(-1).cpu().numpy()                    # (L, T) tier per token
-        ax2.imshow(z, aspect="auto", interpolation="nearest", cmap=ListedColormap(["#dddddd", "C3", "C2"]),
-                   vmin=0, vmax=2)
+        z = out["routing"]["z"][:, 0].argmax(-1).cpu().numpy()  # (L, T) tier per token
+        ax2.imshow(z, aspect="auto", interpolation="nearest",
+                   cmap=ListedColormap(["#dddddd", "C3", "C2"]), vmin=0, vmax=2)
         classes = self.classes(batch["tokens"][:1])
         for name, marker, color in (("recurring", "v", "C0"), ("novel", "v", "C3")):
             t = np.flatnonzero(classes[name][0].cpu().numpy())
-            ax2.scatter(t, np.full(len(t), -0.7), marker=marker, color=color, s=18, label=f"{name} query",
-                        clip_on=False)
+            ax2.scatter(t, np.full(len(t), -0.7), marker=marker, color=color, s=18,
+                        label=f"{name} query", clip_on=False)
         ax2.set(xlabel="token", ylabel="layer", yticks=range(len(z)), ylim=(len(z) - 0.5, -1.0),
-                title="router decisions on one eval sequence: grey W (working memory only), red E (attention), "
-                      "green S (semantic)")
+                title="router decisions on one eval sequence: grey W (working memory only), "
+                      "red E (attention), green S (semantic)")
         ax2.legend(fontsize=7, loc="upper right", ncol=2)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
@@ -234,7 +256,7 @@ class SRCD:
 
 @dataclass
 class MQAR:
-    """Multi-query associative recall, generated as Zoology's _mqar does (DESIGN.md sec. 9).
+    """Multi-query associative recall, generated as Zoology's _mqar does (arXiv 2312.04927).
 
     Keys come from 1 .. vocab/2-1 and values from vocab/2 .. vocab-1, each example drawing kv_pairs
     distinct keys and distinct values paired one to one, laid out first as k1 v1 k2 v2 ... Each key
@@ -259,10 +281,12 @@ class MQAR:
 
     def __post_init__(self):
         p = self.prefix
-        for ok, msg in [(self.len % 2 == 0 and self.len >= 4, f"{p}len={self.len}: expected an even int >= 4"),
+        for ok, msg in [(self.len % 2 == 0 and self.len >= 4,
+                         f"{p}len={self.len}: expected an even int >= 4"),
                         (self.kv_pairs >= 1 and 4 * self.kv_pairs <= self.len,
                          f"{p}kv_pairs={self.kv_pairs}: expected 1 .. len/4 = {self.len // 4}"),
-                        (self.vocab > self.len, f"{p}vocab={self.vocab}: expected more than len={self.len}"),
+                        (self.vocab > self.len,
+                         f"{p}vocab={self.vocab}: expected more than len={self.len}"),
                         (self.power_a > 0, f"{p}power_a={self.power_a}: expected > 0")]:
             if not ok:
                 raise ConfigError(msg)
@@ -283,7 +307,8 @@ class MQAR:
         tokens = np.zeros(self.len, np.int64)
         targets = np.full(self.len, -1, np.int64)
         tokens[0:2 * kv:2], tokens[1:2 * kv:2] = keys, values
-        pos = 2 * kv + 2 * rng.choice(self.space, kv, replace=False, p=self.gap_p)  # query positions
+        # query positions
+        pos = 2 * kv + 2 * rng.choice(self.space, kv, replace=False, p=self.gap_p)
         tokens[pos], targets[pos] = keys, values
         if self.random_filler:
             filler = tokens == 0
@@ -294,33 +319,39 @@ class MQAR:
         """b examples -> CRAM.forward's keyword arguments: tokens (b, len), targets (b, len); every
         split from the one generator, as SRCD."""
         tokens, targets = (np.stack(c) for c in zip(*(self.example(rng) for _ in range(b))))
-        return {k: to_device(torch.from_numpy(v), device) for k, v in dict(tokens=tokens, targets=targets).items()}
+        return {k: to_device(torch.from_numpy(v), device)
+                for k, v in dict(tokens=tokens, targets=targets).items()}
 
     def metrics(self, out, batch):
-        """Accuracy over the query positions (Zoology's), and routing for queries and other tokens."""
+        """Accuracy over the query positions (Zoology's), and routing for queries and other
+        tokens."""
         query = batch["targets"] >= 0
         hit = (out["logits"].argmax(-1) == batch["targets"]) & query
-        return {"acc": hit.sum() / query.sum(), **class_stats(out["routing"], dict(query=query, other=~query))}
+        return {"acc": hit.sum() / query.sum(),
+                **class_stats(out["routing"], dict(query=query, other=~query))}
 
     def describe(self):
-        return (f"mqar: {self.len} tokens, {self.kv_pairs} key-value pairs, vocab {self.vocab} | attention "
-                f"floor {100 * self.floor:.2f}% (every query)")
+        return (f"mqar: {self.len} tokens, {self.kv_pairs} key-value pairs, vocab {self.vocab} | "
+                f"attention floor {100 * self.floor:.2f}% (every query)")
 
     def line(self, m):
         g = lambda k: m.get(k, float("nan"))
-        return f"acc {g('acc'):.4f} | attn query {100 * g('attn_query'):.1f}% other {100 * g('attn_other'):.2f}%"
+        return (f"acc {g('acc'):.4f} | attn query {100 * g('attn_query'):.1f}% "
+                f"other {100 * g('attn_other'):.2f}%")
 
     def plot(self, rows, out, batch, path):
         """curves.png: accuracy and the attention share of queries and other tokens against step."""
         col = lambda kind, k: column(rows, kind, k)
         fig, ax0, ax1 = two_panels()
         for name, color in (("query", "C3"), ("other", "C7")):
-            ax0.plot(col("train", "step"), col("train", f"attn_{name}"), "-", color=color, label=f"attention, {name}")
+            ax0.plot(col("train", "step"), col("train", f"attn_{name}"), "-", color=color,
+                     label=f"attention, {name}")
             ax0.plot(col("eval", "step"), col("eval", f"attn_{name}"), "o", color=color)
         ax1.plot(col("train", "step"), col("train", "acc"), "-", label="training batches")
         ax1.plot(col("eval", "step"), col("eval", "acc"), "o", label="eval set")
         ax0.set(xlabel="step", ylabel="share on attention", ylim=(-0.03, 1.03), title="routing")
-        ax1.set(xlabel="step", ylabel="accuracy at query positions", ylim=(-0.03, 1.03), title="MQAR accuracy")
+        ax1.set(xlabel="step", ylabel="accuracy at query positions", ylim=(-0.03, 1.03),
+                title="MQAR accuracy")
         save_panels(fig, path)
 
     def summary(self, m):
@@ -335,7 +366,8 @@ class TokenFile:
     meta.json (the encoding, its vocabulary size, the token counts). A batch is b windows of len + 1
     tokens at random offsets of the split's file, read through a memmap (so the file never has to
     fit in memory); the targets are the inputs shifted by one. Every token is a target; routing is
-    reported per layer (routing_stats' L<i>_episodic), since no token class here is known to need attention.
+    reported per layer (routing_stats' L<i>_episodic), since no token class here is known to need
+    attention.
     """
     dir: str = "data/openwebtext"  # the prepared folder (train.bin, val.bin, meta.json)
     len: int = 256                 # context: tokens per training sequence (GPT-2: 1024)
@@ -344,20 +376,30 @@ class TokenFile:
     n_cont, n_pred = 0, 0
 
     def __post_init__(self):
+        if self.len < 1:
+            raise ConfigError(f"--{self.prefix}len={self.len}: expected a positive int "
+                              "(tokens per sequence)")
         meta_path = os.path.join(self.dir, "meta.json")
+        redo = f"prepare {self.dir} again with python data.py prepare"
         if not os.path.exists(meta_path):
-            raise ConfigError(f"no prepared data in {self.dir} (meta.json is missing): make it with "
-                              f"python data.py prepare --source=openwebtext --out_dir={self.dir}, or --source='your/*.txt'")
-        with open(meta_path) as fh:
-            self.meta = json.load(fh)
+            raise ConfigError(f"no prepared data in {self.dir} (meta.json is missing): make it "
+                              "with python data.py prepare --source=openwebtext "
+                              f"--out_dir={self.dir}, or --source='your/*.txt'")
+        try:
+            with open(meta_path) as fh:
+                self.meta = json.load(fh)
+            vocab = int(self.meta["vocab_size"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{meta_path} is unreadable ({type(e).__name__}): {redo}") from None
         # the embedding rounded up to a multiple of 64 (nanoGPT's 50304 for GPT-2's 50257): the
         # extra rows are never targets and make the output matmul's shapes faster on GPUs
-        self.vocab_size = -(-self.meta["vocab_size"] // 64) * 64
+        self.vocab_size = -(-vocab // 64) * 64
         for split in ("train", "val"):
             n = self.tokens(split).shape[0]
             if n < self.len + 1:
-                raise ConfigError(f"{self.path(split)} holds {n} tokens, fewer than one sequence of "
-                                  f"--{self.prefix}len={self.len} + 1: prepare more text or lower --{self.prefix}len")
+                raise ConfigError(f"{self.path(split)} holds {n} tokens, fewer than one sequence "
+                                  f"of --{self.prefix}len={self.len} + 1: prepare more text or "
+                                  f"lower --{self.prefix}len")
 
     def path(self, split):
         return os.path.join(self.dir, f"{split}.bin")
@@ -365,15 +407,27 @@ class TokenFile:
     def tokens(self, split):
         """The split's token ids as a read-only memmap, made afresh per call (nanoGPT: a memmap
         kept open grows the process's memory as pages are read)."""
-        if not os.path.exists(self.path(split)):
-            raise ConfigError(f"{self.path(split)} is missing: prepare {self.dir} again with python data.py prepare")
-        return np.memmap(self.path(split), dtype=np.uint16, mode="r")
+        path = self.path(split)
+        if not os.path.exists(path):
+            raise ConfigError(f"{path} is missing: prepare {self.dir} again with "
+                              "python data.py prepare")
+        size = os.path.getsize(path)
+        if size % 2:
+            raise ConfigError(f"{path} has an odd size ({size} bytes), not uint16 ids: it is "
+                              f"torn; prepare {self.dir} again with python data.py prepare")
+        if size == 0:  # np.memmap cannot map an empty file
+            return np.zeros(0, np.uint16)
+        return np.memmap(path, dtype=np.uint16, mode="r")
 
     def batch(self, b, rng, device="cpu", split="train"):
-        """b windows of the split -> CRAM.forward's keyword arguments: tokens (b, len), targets (b, len)."""
+        """b windows of the split -> CRAM.forward's keyword arguments: tokens (b, len), targets
+        (b, len)."""
         ids = self.tokens(split)
         start = rng.integers(len(ids) - self.len, size=b)
         chunks = np.stack([ids[i:i + self.len + 1] for i in start]).astype(np.int64)
+        if chunks.max() >= self.meta["vocab_size"]:  # on the host, before anything indexes with it
+            raise ConfigError(f"{self.path(split)} holds token id {chunks.max()}, but meta.json's "
+                              f"vocab_size is {self.meta['vocab_size']}: prepare {self.dir} again")
         return {k: to_device(torch.from_numpy(v), device)
                 for k, v in dict(tokens=chunks[:, :-1], targets=chunks[:, 1:]).items()}
 
@@ -383,8 +437,9 @@ class TokenFile:
 
     def describe(self):
         m = self.meta
-        return (f"tokens: {self.dir} ({m['encoding']}, vocab {m['vocab_size']} as {self.vocab_size}), "
-                f"{m['train_tokens']:,} train and {m['val_tokens']:,} val tokens, context {self.len}")
+        return (f"tokens: {self.dir} ({m['encoding']}, vocab {m['vocab_size']} as "
+                f"{self.vocab_size}), {m['train_tokens']:,} train and {m['val_tokens']:,} val "
+                f"tokens, context {self.len}")
 
     @staticmethod
     def layers(m):
@@ -397,16 +452,20 @@ class TokenFile:
         return f"acc {m.get('acc', float('nan')):.4f} | attn per layer {attn}"
 
     def plot(self, rows, out, batch, path):
-        """curves.png: training and validation loss, and the attention share per layer, against step."""
+        """curves.png: training and validation loss, and the attention share per layer, against
+        step."""
         col = lambda kind, k: column(rows, kind, k)
         fig, ax0, ax1 = two_panels()
         ax0.plot(col("train", "step"), col("train", "ce"), "-", label="train (one batch)")
         ax0.plot(col("eval", "step"), col("eval", "ce"), "o-", label="val")
         for i, layer in enumerate(self.layers(rows[-1])):
-            ax1.plot(col("train", "step"), col("train", layer + "_episodic"), "-", color=f"C{i}", label=f"layer {layer[1:]}")
+            ax1.plot(col("train", "step"), col("train", layer + "_episodic"), "-", color=f"C{i}",
+                     label=f"layer {layer[1:]}")
             ax1.plot(col("eval", "step"), col("eval", layer + "_episodic"), "o", color=f"C{i}")
-        ax0.set(xlabel="step", ylabel="cross-entropy (nats per token)", title="language modelling loss")
-        ax1.set(xlabel="step", ylabel="share of tokens on attention", ylim=(-0.03, 1.03), title="routing per layer")
+        ax0.set(xlabel="step", ylabel="cross-entropy (nats per token)",
+                title="language modelling loss")
+        ax1.set(xlabel="step", ylabel="share of tokens on attention", ylim=(-0.03, 1.03),
+                title="routing per layer")
         save_panels(fig, path)
 
     def summary(self, m):
@@ -422,7 +481,8 @@ def byte_encoding():
     the tests; GPT-2's BPE ("gpt2") is the default."""
     tiktoken = need("tiktoken")
     pattern = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-    return tiktoken.Encoding(name="bytes", pat_str=pattern, mergeable_ranks={bytes([i]): i for i in range(256)},
+    return tiktoken.Encoding(name="bytes", pat_str=pattern,
+                             mergeable_ranks={bytes([i]): i for i in range(256)},
                              special_tokens={"<|endoftext|>": 256})
 
 
@@ -431,7 +491,7 @@ def need(module):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ConfigError(f"{module} is not installed: pip install -r requirements.txt")
+        raise ConfigError(f"{module} is not installed: pip install -r requirements.txt") from None
 
 
 def get_encoding(name):
@@ -441,38 +501,68 @@ def get_encoding(name):
         return byte_encoding()
     tiktoken = need("tiktoken")
     if name not in tiktoken.list_encoding_names():
-        raise ConfigError(f"--encoding={name}: expected bytes or one of tiktoken's {tiktoken.list_encoding_names()}")
+        raise ConfigError(f"--encoding={name}: expected bytes or one of tiktoken's "
+                          f"{tiktoken.list_encoding_names()}")
     try:
         return tiktoken.get_encoding(name)
     except Exception as e:
-        raise ConfigError(f"the {name} tokenizer tables could not be loaded ({type(e).__name__}): tiktoken downloads "
-                          "them once; run once with internet, or set TIKTOKEN_CACHE_DIR to a folder that holds them")
+        raise ConfigError(f"the {name} tokenizer tables could not be loaded ({type(e).__name__}): "
+                          "tiktoken downloads them once; run once with internet, or set "
+                          "TIKTOKEN_CACHE_DIR to a folder that holds them") from None
+
+
+def stdlib_files():
+    """CPython's own standard library source, which every Python ships: Lib/**/*.py without the
+    test suites (test/, tests/, idle_test/, test_*.py) and without installed packages."""
+    lib = sysconfig.get_paths()["stdlib"]
+    skip = re.compile(r"(^|/)(test|tests|idle_test|site-packages|dist-packages)(/|$)"
+                      r"|(^|/)test_[^/]*\.py$")
+    return sorted(p for p in glob.glob(os.path.join(lib, "**", "*.py"), recursive=True)
+                  if not skip.search(os.path.relpath(p, lib)))
 
 
 def read_documents(source):
-    """source -> (iterable of document strings, their number, the default val split). "openwebtext"
-    reads OpenWebText through the datasets library (a download of some 40 GB, cached): its parquet export, since datasets 4 no
-    longer runs the original loading script (`load_dataset("openwebtext")` fails). "pydoc" is a
-    small real corpus every Python ships: pydoc's 79 help topics (English about Python, 0.46 MB).
-    Anything else is a glob of text files, one document each."""
+    """source -> (iterable of document strings, their number, the default val split, the files
+    read). "openwebtext" reads OpenWebText through the datasets library (a download of some 40 GB,
+    cached): its parquet export, since datasets 4 no longer runs the original loading script
+    (`load_dataset("openwebtext")` fails). "pydoc" is a small real corpus every Python ships:
+    pydoc's 79 help topics (English about Python, 0.46 MB). "stdlib" is the interpreter's standard
+    library source (stdlib_files, about 12 MB of Python). Anything else is a glob of text files,
+    one document each."""
     if source == "openwebtext":
         try:
             from datasets import load_dataset
         except ImportError:
-            raise ConfigError("--source=openwebtext needs the datasets library: pip install datasets==5.2.0")
+            raise ConfigError("--source=openwebtext needs the datasets library: "
+                              "pip install datasets==5.2.0") from None
         ds = load_dataset("Skylion007/openwebtext", revision="refs/convert/parquet", split="train")
-        return (row["text"] for row in ds), len(ds), 0.0005
+        return (row["text"] for row in ds), len(ds), 0.0005, []
     if source == "pydoc":
         from pydoc_data.topics import topics
-        return list(topics.values()), len(topics), 0.1
-    paths = sorted(p for p in glob.glob(source, recursive=True) if os.path.isfile(p))
+        return list(topics.values()), len(topics), 0.1, []
+    paths = stdlib_files() if source == "stdlib" else sorted(
+        p for p in glob.glob(source, recursive=True) if os.path.isfile(p))
     if not paths:
-        raise ConfigError(f"--source={source}: no file matches; give openwebtext, pydoc or a glob of text files ('texts/*.txt')")
+        raise ConfigError(f"--source={source}: no file matches; give openwebtext, pydoc, stdlib "
+                          "or a glob of text files ('texts/*.txt')")
 
     def read(path):
         with open(path, encoding="utf-8", errors="replace") as fh:
             return fh.read()
-    return map(read, paths), len(paths), 0.1
+    return map(read, paths), len(paths), 0.1, paths
+
+
+def not_text(paths):
+    """The files among paths that are not UTF-8 text (prepare reads them with U+FFFD in place of
+    each bad byte, which a user should hear about)."""
+    bad = []
+    for path in paths:
+        with open(path, "rb") as fh:
+            try:
+                fh.read().decode("utf-8")
+            except UnicodeDecodeError:
+                bad.append(path)
+    return bad
 
 
 def prepare(source, out_dir, encoding="gpt2", val_fraction=None, seed=2357):
@@ -485,31 +575,43 @@ def prepare(source, out_dir, encoding="gpt2", val_fraction=None, seed=2357):
     enc = get_encoding(encoding)
     if enc.n_vocab > 2 ** 16:
         raise ConfigError(f"--encoding={encoding}: {enc.n_vocab} tokens do not fit in uint16")
-    docs, n_docs, default_val = read_documents(source)
+    docs, n_docs, default_val, paths = read_documents(source)
     val_fraction = default_val if val_fraction is None else val_fraction
     if not 0 < val_fraction < 1:
         raise ConfigError(f"--val_fraction={val_fraction}: expected in (0, 1)")
+    bad = not_text(paths)
+    if bad:
+        print(f"note: {len(bad)} of {len(paths)} files are not UTF-8 text ({bad[0]}, ...): "
+              "each bad byte is read as U+FFFD", file=sys.stderr)
     by_document = source == "openwebtext"
-    os.makedirs(out_dir, exist_ok=True)
     tmp = {split: os.path.join(out_dir, f"{split}.bin.tmp") for split in ("train", "val")}
     try:
-        counts = write_tokens(docs, n_docs, enc, tmp, val_fraction if by_document else 0.0, seed, source)
+        os.makedirs(out_dir, exist_ok=True)
+        counts = write_tokens(docs, n_docs, enc, tmp, val_fraction if by_document else 0.0, seed,
+                              source)
         if not by_document:  # move the last val_fraction of the tokens into val
             ids = np.fromfile(tmp["train"], np.uint16)
             cut = len(ids) - max(1, int(val_fraction * len(ids)))
             ids[:cut].tofile(tmp["train"])
             ids[cut:].tofile(tmp["val"])
             counts = dict(train=cut, val=len(ids) - cut)
+        if min(counts.values()) < 2:
+            raise ConfigError(f"--source={source} gave {counts['train']} train and "
+                              f"{counts['val']} val tokens: too little text to train on")
         for split, path in tmp.items():
             os.replace(path, os.path.join(out_dir, f"{split}.bin"))
+        meta = dict(source=source, encoding=encoding, vocab_size=enc.n_vocab, eot=enc.eot_token,
+                    dtype="uint16", documents=n_docs, train_tokens=counts["train"],
+                    val_tokens=counts["val"])
+        with open(os.path.join(out_dir, "meta.json"), "w") as fh:
+            json.dump(meta, fh, indent=1)
+    except OSError as e:
+        raise ConfigError(f"--out_dir={out_dir}: cannot write there ({e.strerror}): "
+                          "choose a writable folder") from None
     finally:  # an interrupted preparation leaves no half-written files behind
         for path in tmp.values():
             if os.path.exists(path):
                 os.remove(path)
-    meta = dict(source=source, encoding=encoding, vocab_size=enc.n_vocab, eot=enc.eot_token, dtype="uint16",
-                documents=n_docs, train_tokens=counts["train"], val_tokens=counts["val"])
-    with open(os.path.join(out_dir, "meta.json"), "w") as fh:
-        json.dump(meta, fh, indent=1)
     return meta
 
 
@@ -525,7 +627,8 @@ def write_tokens(docs, n_docs, enc, paths, val_share, seed, source):
         def encode(batch):
             for ids in enc.encode_ordinary_batch(batch, num_threads=os.cpu_count() or 1):
                 split = "val" if rng.random() < val_share else "train"
-                (val if split == "val" else train).write(np.asarray(ids + [enc.eot_token], np.uint16).tobytes())
+                (val if split == "val" else train).write(
+                    np.asarray(ids + [enc.eot_token], np.uint16).tobytes())
                 counts[split] += len(ids) + 1
             bar.update(len(batch))
             batch.clear()
@@ -555,18 +658,21 @@ def save_panels(fig, path):
 
 
 def column(rows, kind, key):
-    """One metric over a run's metrics.jsonl rows of one kind ("train" or "eval"), NaN where absent."""
+    """One metric over a run's metrics.jsonl rows of one kind ("train" or "eval"), NaN where
+    absent."""
     return np.array([r.get(key, np.nan) for r in rows if r["kind"] == kind], float)
 
 
 def to_device(x, device):
-    """A CPU tensor onto device; to CUDA from pinned memory without waiting for the GPU (nanoGPT)."""
+    """A CPU tensor onto device; to CUDA from pinned memory without waiting for the GPU
+    (nanoGPT)."""
     if str(device).startswith("cuda"):
         return x.pin_memory().to(device, non_blocking=True)
     return x.to(device)
 
 
-DATASETS = {"srcd": SRCD, "mqar": MQAR, "openwebtext": TokenFile}  # openwebtext: any prepared --data_dir
+# tokens: any folder data.py prepare wrote
+DATASETS = {"srcd": SRCD, "mqar": MQAR, "tokens": TokenFile}
 
 
 def settings():
@@ -575,7 +681,7 @@ def settings():
 
 
 def setting_keys(name):
-    """The flags of dataset `name`: a resumed run must keep each of them."""
+    """The flags of dataset `name` (a run of another dataset ignores them)."""
     cls = DATASETS[name]
     return tuple(cls.prefix + f.name for f in fields(cls))
 
@@ -590,19 +696,26 @@ def make(run):
 
 
 def main(argv):
-    ap = argparse.ArgumentParser(prog="python data.py prepare", description=prepare.__doc__.split(";")[0])
+    ap = argparse.ArgumentParser(prog="python data.py prepare",
+                                 description=prepare.__doc__.split(";")[0])
     ap.add_argument("command", choices=["prepare"])
-    ap.add_argument("--source", required=True, help="openwebtext, pydoc, or a glob of text files ('texts/*.txt')")
-    ap.add_argument("--out_dir", help="where train.bin, val.bin, meta.json go (default data/openwebtext, "
-                                      "data/pydoc, or data/text for files)")
-    ap.add_argument("--encoding", default="gpt2", help="gpt2 (GPT-2's BPE, tiktoken) or bytes (one token per byte)")
-    ap.add_argument("--val_fraction", type=float, help="validation share (default: 0.0005 of OpenWebText's "
-                                                       "documents, 0.1 of local text's tokens)")
+    ap.add_argument("--source", required=True,
+                    help="openwebtext, pydoc, stdlib (this Python's Lib/*.py without tests), "
+                         "or a glob of text files ('texts/*.txt')")
+    ap.add_argument("--out_dir", help="where train.bin, val.bin, meta.json go (default "
+                                      "data/openwebtext, data/pydoc, or data/text for files)")
+    ap.add_argument("--encoding", default="gpt2",
+                    help="gpt2 (GPT-2's BPE, tiktoken) or bytes (one token per byte)")
+    ap.add_argument("--val_fraction", type=float, help="validation share (default: 0.0005 of "
+                                                       "OpenWebText's documents, 0.1 of local "
+                                                       "text's tokens)")
     a = ap.parse_args(argv)
-    out_dir = a.out_dir or os.path.join("data", a.source if a.source in ("openwebtext", "pydoc") else "text")
+    out_dir = a.out_dir or os.path.join(
+        "data", a.source if a.source in ("openwebtext", "pydoc", "stdlib") else "text")
     meta = prepare(a.source, out_dir, a.encoding, a.val_fraction)
     print(f"{out_dir}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens from "
-          f"{meta['documents']:,} documents; train with python train.py --dataset=openwebtext --data_dir={out_dir}")
+          f"{meta['documents']:,} documents; train with python train.py --dataset=tokens "
+          f"--data_dir={out_dir}")
 
 
 if __name__ == "__main__":

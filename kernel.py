@@ -5,7 +5,8 @@ Math (the twin is cram.routed_attention, same signature, plain PyTorch): for rou
 batch row b_i, position t_i, head h, with scale c = 1/sqrt(D),
     s_ij = c q_i . k_j  for keys j in (t_i - window, t_i],   o_i = sum_j softmax_j(s_ij) v_j
 and the flash-attention 2 backward, with P the softmax, dO the output gradient:
-    delta_i = rowsum(dO_i * O_i),  dS = P * (dO V^T - delta),  dQ = c dS K,  dK = c dS^T Q,  dV = P^T dO
+    delta_i = rowsum(dO_i * O_i),  dS = P * (dO V^T - delta),
+    dQ = c dS K,  dK = c dS^T Q,  dV = P^T dO
 Work is O(M window D) for M routed queries, never O(T^2 D), and no T x T matrix is stored.
 
 Layout. The routed queries are sorted by (b, t), so each batch row's queries are one contiguous run.
@@ -34,9 +35,11 @@ D: any head width up to 128; tiles are padded to BLOCK_D = max(16, next power of
 Offsets within one batch row (h * stride_h + t * stride_t) are int32: a row of K or V must hold
 fewer than 2^31 elements (T * 2 * n_embd for EpisodicMemory's packed k, v); rows are int64.
 
-    python -m pytest -q test_cram.py                               # tests (interpreted, CPU)
-    python kernel.py [--quick] [--json FILE]                       # benchmark table (bench.py: the whole model)
-    python kernel.py --ptxas 90                                    # compile for sm_90: registers, spills
+Imports torch and triton only: the model imports this file, never the other way round.
+
+    TRITON_INTERPRET=1 python -m pytest -q test_cram.py -k kernel   # tests (interpreted, CPU)
+    python bench.py --kernel [--quick] [--json FILE]   # benchmark table against SDPA (bench.py)
+    python kernel.py --ptxas 90 [--quick]              # compile for sm_90: registers, spills
 """
 import argparse
 import math
@@ -46,11 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
-import cram
-
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
-empty = torch.empty  # every buffer a kernel must fill comes from here; tests swap in NaN-filled ones
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,7 +68,8 @@ def _query_block(Q, T_IDX, BLK_ROW, BLK_LO, BLK_HI, stride_qm, stride_qh,
     valid = rows < m_hi
     t_first, t_last = tl.load(T_IDX + m_lo), tl.load(T_IDX + m_hi - 1)
     t = tl.load(T_IDX + rows, mask=valid, other=0)
-    t = tl.where(valid, t, t_last)  # padding rows copy the last query: a finite softmax, never stored
+    # padding rows copy the last query: a finite softmax, never stored
+    t = tl.where(valid, t, t_last)
     dd = tl.arange(0, BLOCK_D)
     mask = valid[:, None] & (dd[None, :] < D)
     q = tl.load(Q + rows.to(tl.int64)[:, None] * stride_qm + h * stride_qh + dd[None, :],
@@ -77,7 +78,8 @@ def _query_block(Q, T_IDX, BLK_ROW, BLK_LO, BLK_HI, stride_qm, stride_qh,
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE,           # q, o (M, H, D); k, v (B, H, T, D); lse (M, H) fp32, base 2
+def _fwd_kernel(Q, K, V,                   # q (M, H, D); k, v (B, H, T, D)
+                O, LSE,  # noqa: E741      o like q; lse (M, H) fp32, log-sum-exp in base 2
                 T_IDX,                     # (M,) int32 position of each routed query
                 BLK_ROW, BLK_LO, BLK_HI,   # per query block: batch row, first and past-last query
                 stride_qm, stride_qh, stride_kb, stride_kh, stride_kt,
@@ -142,7 +144,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,   # do, dq like q; lse, delta (M
         v = tl.load(vp + keys[:, None] * stride_vt, mask=kmask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         see = (keys[None, :] <= t[:, None]) & (keys[None, :] > t[:, None] - window)
-        p = tl.math.exp2(tl.where(see, s, float("-inf")) - lse[:, None])       # P, (BLOCK_M, BLOCK_N)
+        p = tl.math.exp2(tl.where(see, s, float("-inf")) - lse[:, None])  # P, (BLOCK_M, BLOCK_N)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
@@ -152,7 +154,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,   # do, dq like q; lse, delta (M
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,  # dk, dv (B, H, T, D) contiguous
                      T_IDX,                # (M,) int32
-                     Q_LO, Q_HI,           # (B, n_key_blocks) int32: the routed queries that see a key block
+                     Q_LO, Q_HI,  # (B, n_key_blocks) int32: the routed queries that see a key block
                      stride_qm, stride_qh, stride_kb, stride_kh, stride_kt,
                      stride_vb, stride_vh, stride_vt, stride_om, stride_oh,
                      H, T, window, qk_scale, sm_scale,
@@ -183,7 +185,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,  # dk, dv (B, H, T, D) con
         lse = tl.load(LSE + rows * H + h, mask=valid, other=0.0)
         delta = tl.load(DELTA + rows * H + h, mask=valid, other=0.0)
         # transposed scores, keys x queries, so dK and dV accumulate without a transpose
-        sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale             # (BLOCK_N, BLOCK_M)
+        sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
         see = valid[None, :] & (keys[:, None] <= t[None, :]) & (keys[:, None] > t[None, :] - window)
         pT = tl.math.exp2(tl.where(see, sT, float("-inf")) - lse[None, :])
         dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
@@ -205,19 +207,23 @@ def _fail(msg):
 def _check(q, k, v, b_idx, t_idx, window):
     """One clear line for each misuse, before any launch."""
     if q.dim() != 3 or k.dim() != 4 or k.shape != v.shape:
-        _fail(f"want q (M, H, D) and k, v (B, H, T, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        _fail(f"want q (M, H, D) and k, v (B, H, T, D); got {tuple(q.shape)}, "
+              f"{tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[1:] != (k.shape[1], k.shape[3]):
         _fail(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on H or D")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    halves = (torch.float32, torch.float16, torch.bfloat16)
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in halves:
         _fail(f"q, k, v must share one of fp32/fp16/bf16; got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.shape[2] > 128:
         _fail(f"head width D={q.shape[2]} > 128 is not supported; use cram.routed_attention")
     if not isinstance(window, int) or window < 1:
         _fail(f"window={window!r}: expected a positive int")
     if b_idx.shape != (q.shape[0],) or t_idx.shape != (q.shape[0],):
-        _fail(f"b_idx, t_idx must be ({q.shape[0]},); got {tuple(b_idx.shape)}, {tuple(t_idx.shape)}")
+        _fail(f"b_idx, t_idx must be ({q.shape[0]},); got {tuple(b_idx.shape)}, "
+              f"{tuple(t_idx.shape)}")
     if q.device.type != "cuda" and not INTERPRET:
-        _fail(f"tensors on {q.device}: needs CUDA, or TRITON_INTERPRET=1 set before importing triton")
+        _fail(f"tensors on {q.device}: needs CUDA, "
+              "or TRITON_INTERPRET=1 set before importing triton")
 
 
 def _unit_stride(x):
@@ -297,15 +303,15 @@ def _meta(q):
 
 class RoutedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, b_idx, t_idx, window, blocks=None):
-        """blocks: block_sizes' dict, to override its choice (tests)."""
+    def forward(ctx, q, k, v, b_idx, t_idx, window, blocks=None, alloc=torch.empty):
+        """blocks, alloc: as routed_attention's."""
         _check(q, k, v, b_idx, t_idx, window)
         q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
         (M, H, D), (B, _, T, _) = q.shape, k.shape
         blocks = blocks or block_sizes(M, B, T, window, D, q.dtype)
         assert min(min(c[:2]) for c in blocks.values()) >= 16, "tl.dot needs tiles >= 16 on GPUs"
         bm, bn, nw = blocks["fwd"]
-        ctx.meta = (window, blocks, M)
+        ctx.meta = (window, blocks, M, alloc)
         if M == 0:
             ctx.save_for_backward(q, k, v)
             return q.new_zeros(0, H, D)
@@ -315,8 +321,8 @@ class RoutedAttention(torch.autograd.Function):
         span = t32[hi.long() - 1] - (t32[lo.long()] - window + 1).clamp_min(0)
         order = span.argsort(descending=True)
         row, lo, hi = row[order], lo[order], hi[order]
-        o = empty(M, H, D, device=q.device, dtype=q.dtype)
-        lse = empty(M, H, device=q.device, dtype=torch.float32)
+        o = alloc(M, H, D, device=q.device, dtype=q.dtype)
+        lse = alloc(M, H, device=q.device, dtype=torch.float32)
         _fwd_kernel[(len(row), H)](q, k, v, o, lse, t32, row, lo, hi, *_strides(q, k, v, o),
                                    H, window, LOG2E / math.sqrt(D), BLOCK_M=bm, BLOCK_N=bn,
                                    num_warps=nw, **_meta(q))
@@ -325,19 +331,21 @@ class RoutedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
-        window, blocks, M = ctx.meta
+        window, blocks, M, alloc = ctx.meta
         if M == 0:
             q, k, v = ctx.saved_tensors
-            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None, None
+            return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
+                    None, None, None, None, None)
         q, k, v, o, lse, b_idx, t32, row, lo, hi = ctx.saved_tensors
         (_, H, D), (B, _, T, _) = q.shape, k.shape
         do = do.contiguous()
         delta = (do.float() * o.float()).sum(-1)                         # (M, H), FA2's D_i
         scale = 1 / math.sqrt(D)
-        dq = empty(M, H, D, device=q.device, dtype=q.dtype)
-        dk = empty(B, H, T, D, device=q.device, dtype=k.dtype)
-        dv = empty(B, H, T, D, device=q.device, dtype=v.dtype)
-        strides = _strides(q, k, v, do)  # dq is laid out as do (contiguous (M, H, D)): one set serves both
+        dq = alloc(M, H, D, device=q.device, dtype=q.dtype)
+        dk = alloc(B, H, T, D, device=q.device, dtype=k.dtype)
+        dv = alloc(B, H, T, D, device=q.device, dtype=v.dtype)
+        # dq is laid out as do (contiguous (M, H, D)): one set of strides serves both
+        strides = _strides(q, k, v, do)
         bm, bn, nw = blocks["fwd"]
         _bwd_dq_kernel[(len(row), H)](q, k, v, do, dq, lse, delta, t32, row, lo, hi, *strides,
                                       H, window, scale * LOG2E, scale, BLOCK_M=bm, BLOCK_N=bn,
@@ -347,57 +355,20 @@ class RoutedAttention(torch.autograd.Function):
         _bwd_dkdv_kernel[(q_lo.shape[1], H, B)](q, k, v, do, dk, dv, lse, delta, t32, q_lo, q_hi,
                                                 *strides, H, T, window, scale * LOG2E, scale,
                                                 BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, **_meta(q))
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
-def routed_attention(q, k, v, b_idx, t_idx, window):
+def routed_attention(q, k, v, b_idx, t_idx, window, blocks=None, alloc=torch.empty):
     """The Triton twin of cram.routed_attention: q (M, H, D) routed queries; b_idx, t_idx (M,)
-    sorted by (b, t); k, v (B, H, T, D); a query at t sees keys t-window+1 .. t. -> (M, H, D)."""
-    return RoutedAttention.apply(q, k, v, b_idx, t_idx, window)
+    sorted by (b, t); k, v (B, H, T, D); a query at t sees keys t-window+1 .. t. -> (M, H, D).
+    blocks: block_sizes' dict, to override its choice (tests). alloc(*shape, device, dtype) makes
+    every buffer a kernel must fill, torch.empty by default; the tests pass one that fills with
+    NaN, so an element a kernel forgets to write fails the comparison instead of passing."""
+    return RoutedAttention.apply(q, k, v, b_idx, t_idx, window, blocks, alloc)
 
 
 # ---------------------------------------------------------------------------------------------
-# Benchmark: python kernel.py [--quick] [--json FILE]
-
-def routed_positions(B, T, p, device):
-    """Every (1/p)-th position routed in each row, as router_mode="fixed" does: (b_idx, t_idx)."""
-    k = round(1 / p)
-    mask = torch.zeros(B, T, dtype=torch.bool, device=device)
-    mask[:, k - 1::k] = True
-    return mask.nonzero(as_tuple=True)
-
-
-def fwd_and_bwd(f, inputs, timer):
-    """{"fwd": timer(f under no_grad), "fwd+bwd": timer(f then backward)}, each (ms, MiB)."""
-    with torch.no_grad():
-        fwd = timer(f)
-    do = torch.randn_like(f())
-
-    def step():
-        for x in inputs:
-            x.grad = None
-        f().backward(do)
-    return {"fwd": fwd, "fwd+bwd": timer(step)}
-
-
-def attention_rows(device, B, H, T, D, dtype, ps, attn, timer):
-    """attn (the kernel or the twin) on a routed share p vs dense causal SDPA on every query;
-    window = T, so both compute the same causal attention on the routed rows."""
-    g = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype, generator=g).requires_grad_()
-               for _ in range(3))
-    dense = fwd_and_bwd(lambda: cram.dense_attention(q, k, v, T), (q, k, v), timer)
-    rows = []
-    for p in ps:
-        b, t = routed_positions(B, T, p, device)
-        qr = q.detach()[b, :, t].requires_grad_()                          # (M, H, D)
-        routed = fwd_and_bwd(lambda: attn(qr, k, v, b, t, T), (qr, k, v), timer)
-        for name in ("fwd", "fwd+bwd"):
-            (ms, mem), (md, memd) = routed[name], dense[name]
-            rows.append(dict(T=T, p=p, pass_=name, ms=ms, ms_dense=md, ratio=md / ms, ideal=1 / p,
-                             mem_MiB=mem, mem_dense_MiB=memd, B=B, H=H, D=D, M=len(b)))
-    return rows
-
+# Compiled for a GPU without one: python kernel.py --ptxas 90 [--quick]
 
 NV_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 HAS_PTXAS = os.path.exists(os.path.join(NV_BIN, "cuobjdump"))
@@ -414,10 +385,13 @@ def ptxas_usage(fn, dtype, consts, num_warps, arch):
     from triton.compiler import ASTSource
     names = fn.arg_names
     ty = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[dtype]
-    sig = {n: "constexpr" if n in consts else POINTER.get(n, ty) if n.isupper() and n not in ("H", "T")
+    sig = {n: "constexpr" if n in consts
+           else POINTER.get(n, ty) if n.isupper() and n not in ("H", "T")
            else "fp32" if n.endswith("scale") else "i32" for n in names}  # H, T: ints
-    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()})
-    kern = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
+    constexprs = {(names.index(n),): v for n, v in consts.items()}
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+    kern = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=num_warps))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kern.asm["cubin"])
         f.flush()
@@ -432,7 +406,8 @@ def ptxas_table(arch, quick):
     assert not INTERPRET, "run without TRITON_INTERPRET: interpreted kernels cannot be compiled"
     cases = ([(torch.bfloat16, 64, 1 / 64), (torch.bfloat16, 64, 1.0), (torch.float16, 16, 1 / 4),
               (torch.bfloat16, 128, 1.0)] if quick else
-             [(dt, D, p) for dt in (torch.bfloat16, torch.float16, torch.float32) for D in (16, 32, 64, 128)
+             [(dt, D, p) for dt in (torch.bfloat16, torch.float16, torch.float32)
+              for D in (16, 32, 64, 128)
               for p in (1 / 64, 1 / 16, 1 / 4, 1.0)])
     for dtype, D, p in cases:
         blocks = block_sizes(int(p * 4096), 1, 4096, 4096, D, dtype)
@@ -445,34 +420,14 @@ def ptxas_table(arch, quick):
 
 
 def main():
-    ap = argparse.ArgumentParser(description="routed attention vs dense causal SDPA")
-    ap.add_argument("--quick", action="store_true", help="a subset, under a minute on a CPU")
-    ap.add_argument("--json", metavar="FILE", help="also write the rows as a JSON list")
-    ap.add_argument("--ptxas", metavar="ARCH", type=int,
-                    help="instead, compile every tile set for sm_ARCH (no GPU needed), print registers and spills")
+    ap = argparse.ArgumentParser(description="compile every tile set block_sizes picks for an "
+                                 "NVIDIA GPU (no GPU needed): registers and spills per kernel")
+    ap.add_argument("--ptxas", metavar="ARCH", type=int, required=True,
+                    help="the compute capability to compile for, e.g. 90")
+    ap.add_argument("--quick", action="store_true", help="four cases instead of all 48")
     args = ap.parse_args()
-    if args.ptxas:
-        return ptxas_table(args.ptxas, args.quick)
-    from bench import cpu_timer, gpu_timer, print_table
-    torch.set_num_threads(1)  # CPU timings on one thread: repeatable, and fair to both sides
-    ps = (1, 1 / 4, 1 / 16, 1 / 64)
-    if torch.cuda.is_available():  # the kernel, bf16, B*H = 96 as GPT-2 small's 12 heads of 64, B=8
-        dev, B, H, D, dtype, timer = "cuda", 8, 12, 64, torch.bfloat16, gpu_timer
-        runs = [(T, ps) for T in ((1024, 4096) if args.quick else (1024, 4096, 16384))]
-        impl, attn = "kernel", routed_attention
-    else:  # the PyTorch twin in fp32 on a CPU-sized batch; it forms (H, m, span) scores per row,
-        # so the dense end (p = 1 at T = 4096: 256 MiB per pass) is left to the full run
-        dev, B, H, D, dtype, timer = "cpu", 1, 4, 64, torch.float32, cpu_timer(3 if args.quick else 5)
-        runs = ([(1024, ps), (4096, ps[2:])] if args.quick
-                else [(1024, ps), (4096, ps), (16384, ps[2:])])
-        impl, attn = "twin", cram.routed_attention
-    print(f"# {dev}: B={B} H={H} D={D} {str(dtype)[6:]}, window=T, routed = every (1/p)-th position, "
-          f"dense = SDPA(is_causal=True) on all T; the whole model: python bench.py")
-    rows = []
-    for T, tps in runs:
-        rows += [dict(device=dev, impl=impl, dtype=str(dtype)[6:], **r)
-                 for r in attention_rows(dev, B, H, T, D, dtype, tps, attn, timer)]
-    print_table(rows, args.json)
+    ptxas_table(args.ptxas, args.quick)
+
 
 if __name__ == "__main__":
     main()

@@ -21,7 +21,8 @@ A probe that predicts a_t means the layer's attention, at that token, added what
 state already held: those are the operations a router could skip.
 
     python probe.py --out_dir=out/text_tiny                     # every kept checkpoint of a run
-    python probe.py --gpt2=gpt2 --data_dir=data/openwebtext     # pretrained GPT-2 (pip install transformers)
+    python probe.py --gpt2=gpt2 --data_dir=data/openwebtext     # pretrained GPT-2
+                                                                # (pip install transformers)
 
 For our models the probe reads EpisodicMemory (the tokens routed to attention, every token with
 router_mode=always); for GPT-2 each block's attention module.
@@ -63,7 +64,8 @@ def layer_io(model, batches):
             grabbed[i] = (u[ran].double().cpu().numpy(), a[ran].double().cpu().numpy())
         return grab
 
-    handles = [m.register_forward_hook(hook(i), with_kwargs=True) for i, m in enumerate(attention_modules(model))]
+    handles = [m.register_forward_hook(hook(i), with_kwargs=True)
+               for i, m in enumerate(attention_modules(model))]
     try:
         for ids in batches:
             model(ids)
@@ -83,13 +85,16 @@ def fit(model, batches, lam=1e-3):
     the mean output m -> [(W, m)]."""
     sums = None
     for layers in layer_io(model, batches):
-        step = [(with_bias(U).T @ with_bias(U), with_bias(U).T @ A, A.sum(0), len(A)) for U, A in layers]
-        sums = step if sums is None else [tuple(x + y for x, y in zip(s, t)) for s, t in zip(sums, step)]
+        step = [(with_bias(U).T @ with_bias(U), with_bias(U).T @ A, A.sum(0), len(A))
+                for U, A in layers]
+        sums = step if sums is None else [tuple(x + y for x, y in zip(s, t))
+                                          for s, t in zip(sums, step)]
     out = []
     for i, (xx, xa, a_sum, n) in enumerate(sums):
         if n <= xx.shape[0]:
-            raise ConfigError(f"layer {i}: {n} tokens ran attention, too few for a {xx.shape[0] - 1}-wide probe: "
-                              "give more --batches (or a model that routes tokens to attention)")
+            raise ConfigError(f"layer {i}: {n} tokens ran attention, too few for a "
+                              f"{xx.shape[0] - 1}-wide probe: give more --batches (or a model "
+                              "that routes tokens to attention)")
         out.append((np.linalg.solve(xx + lam * n * np.eye(len(xx)), xa), a_sum / n))
     return out
 
@@ -101,7 +106,8 @@ def score(probes, model, batches, threshold=0.9):
     for layers in layer_io(model, batches):
         for (U, A), (W, m), t in zip(layers, probes, sums):
             P = with_bias(U) @ W
-            cos = ((P - m) * (A - m)).sum(1) / (np.linalg.norm(P - m, axis=1) * np.linalg.norm(A - m, axis=1) + 1e-12)
+            cos = ((P - m) * (A - m)).sum(1) / (np.linalg.norm(P - m, axis=1)
+                                                * np.linalg.norm(A - m, axis=1) + 1e-12)
             t["sse"] += ((A - P) ** 2).sum()
             t["a2"] += (A ** 2).sum()
             t["a"] = t["a"] + A.sum(0)
@@ -111,7 +117,8 @@ def score(probes, model, batches, threshold=0.9):
     for t in sums:
         n = max(t["n"], 1)
         total = t["a2"] - (np.asarray(t["a"]) ** 2).sum() / n  # sum of ||a - mean(a)||^2
-        out.append(dict(r2=float(1 - t["sse"] / total) if t["n"] else float("nan"), share=t["hit"] / n, tokens=t["n"]))
+        out.append(dict(r2=float(1 - t["sse"] / total) if t["n"] else float("nan"),
+                        share=t["hit"] / n, tokens=t["n"]))
     return out
 
 
@@ -126,8 +133,10 @@ def token_batches(task, n, batch_size, seed, split):
 
 
 def checkpoints(out_dir):
-    """A run's kept checkpoints (ckpt_<step>.pt, train.py --keep_checkpoints) by step, else ckpt.pt."""
-    kept = sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")), key=lambda p: int(re.findall(r"\d+", p)[-1]))
+    """A run's kept checkpoints (ckpt_<step>.pt, train.py --keep_checkpoints) by step, else
+    ckpt.pt."""
+    kept = sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")),
+                  key=lambda p: int(re.findall(r"\d+", p)[-1]))
     return kept or [os.path.join(out_dir, "ckpt.pt")]
 
 
@@ -138,7 +147,8 @@ def probe_run(out_dir, batches=8, threshold=0.9):
     for path in checkpoints(out_dir):
         run, task, model, step = train.load_run(out_dir, path=path)
         if not isinstance(task, data.TokenFile):
-            raise ConfigError(f"{out_dir} trained on {run['dataset']}: the probe needs a language-model run")
+            raise ConfigError(f"{out_dir} trained on {run['dataset']}: the probe needs a "
+                              "language-model run")
         fit = token_batches(task, batches, run["batch_size"], 0, "train")
         test = token_batches(task, max(1, batches // 2), run["batch_size"], 1, "val")
         results.append((step, probe(model, fit, test, threshold)))
@@ -149,12 +159,14 @@ def gpt2_model(name):
     try:
         from transformers import GPT2LMHeadModel
     except ImportError:
-        raise ConfigError("--gpt2 needs the transformers library: pip install transformers")
+        raise ConfigError("--gpt2 needs the transformers library: "
+                          "pip install transformers") from None
     try:
         return GPT2LMHeadModel.from_pretrained(name).eval()
     except OSError as e:
-        raise ConfigError(f"GPT-2 weights {name!r} could not be loaded ({type(e).__name__}): they download once "
-                          "from the Hugging Face hub; run once with internet or give a local folder")
+        raise ConfigError(f"GPT-2 weights {name!r} could not be loaded ({type(e).__name__}): "
+                          "they download once from the Hugging Face hub; run once with internet "
+                          "or give a local folder") from None
 
 
 def table(rows):
@@ -164,31 +176,41 @@ def table(rows):
              "|---|" + "---:|" * (n + 1)]
     for label, layers in rows:
         cells = [f"{s['r2']:.2f} / {100 * s['share']:.0f}%" for s in layers]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {np.mean([s['r2'] for s in layers]):.2f} |")
+        lines.append(f"| {label} | " + " | ".join(cells)
+                     + f" | {np.mean([s['r2'] for s in layers]):.2f} |")
     return "\n".join(lines)
 
 
 def main(argv):
-    ap = argparse.ArgumentParser(prog="python probe.py", description="The attention-redundancy probe.")
-    ap.add_argument("--out_dir", help="a language-model run of train.py: probe each kept checkpoint")
-    ap.add_argument("--gpt2", help="pretrained GPT-2 through transformers instead: gpt2, gpt2-medium, or a folder")
-    ap.add_argument("--data_dir", default="data/openwebtext", help="with --gpt2: a folder prepared with --encoding=gpt2")
+    ap = argparse.ArgumentParser(prog="python probe.py",
+                                 description="The attention-redundancy probe.")
+    ap.add_argument("--out_dir",
+                    help="a language-model run of train.py: probe each kept checkpoint")
+    ap.add_argument("--gpt2", help="pretrained GPT-2 through transformers instead: gpt2, "
+                                   "gpt2-medium, or a folder")
+    ap.add_argument("--data_dir", default="data/openwebtext",
+                    help="with --gpt2: a folder prepared with --encoding=gpt2")
     ap.add_argument("--data_len", type=int, default=1024, help="with --gpt2: tokens per window")
-    ap.add_argument("--batches", type=int, default=8, help="fitting batches (half as many held out)")
-    ap.add_argument("--threshold", type=float, default=0.9, help="cosine at which a token counts as predicted")
+    ap.add_argument("--batches", type=int, default=8,
+                    help="fitting batches (half as many held out)")
+    ap.add_argument("--threshold", type=float, default=0.9,
+                    help="cosine at which a token counts as predicted")
     a = ap.parse_args(argv)
     if a.batches < 1 or not 0 < a.threshold <= 1:
         raise ConfigError("--batches must be >= 1 and --threshold in (0, 1]")
     if bool(a.out_dir) == bool(a.gpt2):
         raise ConfigError("give one of --out_dir (our run) or --gpt2 (pretrained GPT-2)")
     if a.out_dir:
-        rows = [(f"step {step}", layers) for step, layers in probe_run(a.out_dir, a.batches, a.threshold)]
+        rows = [(f"step {step}", layers)
+                for step, layers in probe_run(a.out_dir, a.batches, a.threshold)]
     else:
         task = data.TokenFile(dir=a.data_dir, len=a.data_len)
         if task.meta["encoding"] != "gpt2":
-            raise ConfigError(f"{a.data_dir} holds {task.meta['encoding']} tokens; GPT-2 reads --encoding=gpt2 data")
+            raise ConfigError(f"{a.data_dir} holds {task.meta['encoding']} tokens; GPT-2 reads "
+                              "--encoding=gpt2 data")
         fit = token_batches(task, a.batches, 8, 0, "train")
-        rows = [(a.gpt2, probe(gpt2_model(a.gpt2), fit, token_batches(task, max(1, a.batches // 2), 8, 1, "val"),
+        rows = [(a.gpt2, probe(gpt2_model(a.gpt2), fit,
+                               token_batches(task, max(1, a.batches // 2), 8, 1, "val"),
                                a.threshold))]
     print(table(rows))
     return rows

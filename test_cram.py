@@ -1,16 +1,42 @@
-"""Tests of cram.py, data.py and train.py: pytest + hypothesis. Run: python -m pytest -q test_cram.py
+"""The tests of the whole project: cram.py, kernel.py, data.py, train.py, sample.py, probe.py,
+bench.py, theory/ and the notebooks. pytest + hypothesis; run: python -m pytest -q test_cram.py
 
 Errors are measured as relative RMS, ||a - b|| / ||b||, with the tensor's name in the message;
-fp32 on CPU throughout, so 1e-5 leaves room for reordered sums and nothing more.
+fp32 on CPU throughout, so 1e-5 leaves room for reordered sums and nothing more. kernel.py's
+Triton kernels run on the CPU under the Triton interpreter (TRITON_INTERPRET=1, set below before
+anything imports triton), in fp32, against their PyTorch twins in cram.py.
 
-kernel.py's Triton kernels run on the CPU under the Triton interpreter (TRITON_INTERPRET=1, set
-below before anything imports triton), in fp32, against their PyTorch twins in cram.py.
+The claims and the tests that carry them (sections below in this order: shared helpers, working
+memory, routed attention, the router and the model, generation, datasets, train.py, language
+modelling, probe.py, kernel.py, bench.py, theory, notebooks):
+
+| claim | test |
+|---|---|
+| the chunked scans are the sequential recurrences | test_chunked_scan_equals_sequential, test_palimpsa_chunked_equals_sequential |
+| Palimpsa's carried state is the paper's recurrence | test_palimpsa_carried_state_is_the_papers_recurrence |
+| Mamba2-style is Palimpsa with b = 0 | test_palimpsa_without_importance_is_gated_linear_attention, test_paper_mamba2_keeps_no_importance_state |
+| routed attention is dense attention on the routed rows | test_routed_attention_equals_dense_on_routed_rows |
+| attention work is proportional to the routed tokens | test_attention_work_is_proportional_to_routed_queries |
+| routing everything is the dense hybrid; nothing, no attention | test_always_routing_equals_dense_attention_model, test_never_routing_does_no_attention_work |
+| the output at t does not depend on the future | test_causality |
+| batch rows are independent | test_batch_independence, test_generation_keeps_batch_rows_independent |
+| each loss trains only its own weights | test_consolidation_and_q_head_train_only_their_own_weights, test_the_compute_penalty_never_trains_the_q_head |
+| prefill + steps equal the full forward | test_prefill_then_steps_equal_the_full_forward |
+| the generation cache does not grow | test_the_cache_does_not_grow_with_the_sequence |
+| SRCD and MQAR are generated as specified | test_srcd_invariants, test_mqar_follows_zoology |
+| a resumed run is the uninterrupted run | test_resume_equals_uninterrupted_run_bit_for_bit, test_resume_with_the_folder_alone_equals_the_uninterrupted_run |
+| bad input is one line, before anything is removed | test_every_bad_input_is_one_line_before_anything_is_removed, test_any_command_line_starts_or_is_refused_in_one_line |
+| the Triton kernel is its twin | test_kernel_random_subsets, test_kernel_edges |
+| no static scheme beats the deployment bound | test_theory_deployment_no_static_scheme_beats_the_bound |
+| the notebooks run and assert their claims | test_theory_notebook_runs, test_notebook_01_runs_as_a_notebook_through_a_jupyter_kernel |
 """
 import dataclasses
+import errno
 import inspect
 import json
 import math
 import os
+import pickle
 import re
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported, by kernel or anything else
@@ -30,7 +56,8 @@ import probe
 import sample
 import theory
 import train
-from cram import CRAM, ROUTER_MODES, ConfigError, CramConfig, dense_attention, routing_stats
+from cram import (CRAM, EPISODIC, ROUTER_MODES, ConfigError, CramConfig, dense_attention,
+                  routing_stats)
 
 try:
     import kernel
@@ -47,6 +74,8 @@ torch.set_num_threads(1)  # small tensors: one thread is faster and makes runs r
 FP32_TOL = 1e-5
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
+
+# ---- shared helpers -----------------------------------------------------------------------------
 
 def rel_rms(a, b, name, tol=FP32_TOL, floor=1e-12):
     """||a - b|| / max(||b||, floor) < tol. The floor is for references that are zero in exact
@@ -83,16 +112,63 @@ def eval_model(cfg, seed=0):
     return model
 
 
-def test_eval_model_mixes_tiers():
-    """The premise of the property tests below: with router_mode="learned" every tier is chosen."""
-    cfg = tiny_config()
-    z = eval_model(cfg)(**random_inputs(cfg, 2, 40))["routing"]["z"]
-    assert (z.mean((0, 1, 2)) > 0.1).all(), z.mean((0, 1, 2))
+TINY_RUN = ["--srcd_len=48", "--batch_size=4", "--n_embd=16", "--n_head=2", "--eval_batches=1",
+            "--srcd_pool=10", "--srcd_novel_keys=20", "--srcd_values=8", "--log_interval=2",
+            "--eval_interval=4", "--threads=1"]
 
 
+MQAR_RUN = ["--dataset=mqar", "--mqar_len=16", "--mqar_kv_pairs=2", "--mqar_vocab=32", "--batch_size=4",
+            "--n_embd=16", "--n_head=2", "--eval_batches=1", "--log_interval=2", "--eval_interval=4", "--threads=1"]
 
 
-# ---- the scan: chunked == sequential ------------------------------------------------------
+WORDS = "the cat sat on a mat while dogs ran far from home and birds sang old songs".split()
+
+
+def write_corpus(folder, n_files=4, lines=200, seed=0):
+    """Small text files of random words: the corpus every test below prepares."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    texts = []
+    for i in range(n_files):
+        texts.append("\n".join(" ".join(rng.choice(WORDS, 10)) for _ in range(lines)) + f" é{i}")
+        (folder / f"doc{i}.txt").write_text(texts[-1], encoding="utf-8")
+    return texts
+
+
+@pytest.fixture(scope="session")
+def token_dir(tmp_path_factory):
+    """A corpus prepared once by the real preparation code, one token per byte (no download)."""
+    root = tmp_path_factory.mktemp("corpus")
+    write_corpus(root / "text")
+    data.prepare(str(root / "text" / "*.txt"), str(root / "tokens"), encoding="bytes")
+    return root / "tokens"
+
+
+TOKEN_RUN = ["--dataset=tokens", "--data_len=32", "--batch_size=4", "--n_embd=16", "--n_head=2",
+             "--eval_batches=1", "--log_interval=2", "--eval_interval=4", "--threads=1"]
+
+
+no_wall = lambda s: {k: v for k, v in s.items() if k != "wall_seconds"}
+
+
+strip = lambda rows: [{k: v for k, v in r.items() if k not in ("ms", "tok_s")} for r in rows]
+
+
+def read_metrics(path):
+    return [json.loads(line) for line in open(path / "metrics.jsonl")]
+
+
+def same_run(a, b):
+    """Two run folders hold the same finished run: weights, metrics (less timings), summary."""
+    ca, cb = (torch.load(p / "ckpt.pt", weights_only=True) for p in (a, b))
+    assert ca["step"] == cb["step"]
+    for name, t in ca["model"].items():
+        assert torch.equal(t, cb["model"][name]), name
+    assert strip(read_metrics(a)) == strip(read_metrics(b))
+    assert no_wall(json.load(open(a / "summary.json"))) == no_wall(json.load(open(b / "summary.json")))
+
+
+# ---- working memory: the scans and their equations (cram.py) ------------------------------------
 
 @given(B=st.integers(1, 3), T=st.integers(1, 70), C=st.integers(1, 9), chunk=st.integers(1, 40),
        scale=st.sampled_from([0.0, 0.1, 3.0, 50.0]), seed=st.integers(0, 2**16))
@@ -114,6 +190,7 @@ def test_chunked_scan_equals_sequential(B, T, C, chunk, scale, seed):
         rel_rms(cla, gla, "dlog_a")
 
 
+
 def test_gated_memory_is_its_docstring_equation():
     """h_t = a_t h_{t-1} + (1 - a_t) u_t, a_t = exp(-dtau_t softplus(rate_t)), y = W_o (h * silu(g)),
     written out as a loop, against the module (which runs the chunked scan)."""
@@ -129,6 +206,7 @@ def test_gated_memory_is_its_docstring_equation():
     rel_rms(wm(x, dtau), wm.out_proj(torch.stack(hs, 1) * F.silu(g)), "working memory")
 
 
+
 def palimpsa_inputs(B, T, H, D, seed, b_scale=1.0):
     g = torch.Generator().manual_seed(seed)
     log_a = -torch.rand(B, T, H, generator=g) * 2
@@ -136,6 +214,7 @@ def palimpsa_inputs(B, T, H, D, seed, b_scale=1.0):
     k, q = (F.normalize(torch.randn(B, T, H, D, generator=g), dim=-1) for _ in range(2))
     b = torch.rand(B, T, H, D, generator=g) * b_scale
     return [x.requires_grad_() for x in (log_a, v, k, b, q)]
+
 
 
 @given(B=st.integers(1, 2), T=st.integers(1, 37), H=st.integers(1, 3), D=st.sampled_from([1, 3, 4]),
@@ -162,30 +241,6 @@ def test_palimpsa_chunked_equals_sequential(B, T, H, D, chunk, prior, seed, impo
         rel_rms(a, r, f"d{name}")
 
 
-def test_embedding_init_std_scales_the_default_draw():
-    """--emb_std sets the token and position embeddings' init std (MQAR runs at 1.0): with the same
-    seed they are 50x larger at 1.0 than at 0.02, and every other parameter is equal."""
-    models = {}
-    for std in (0.02, 1.0):
-        torch.manual_seed(0)
-        models[std] = dict(CRAM(tiny_config(n_positions=30, emb_std=std)).named_parameters())
-    for name, p in models[0.02].items():
-        want = 50 * p if name in ("tok_emb.weight", "pos_emb.weight") else p
-        assert torch.allclose(models[1.0][name], want, rtol=1e-6, atol=0), name
-    assert abs(models[1.0]["tok_emb.weight"].std().item() - 1.0) < 0.1
-
-
-def test_without_mlp_the_layer_is_the_three_tiers():
-    """mlp=False (the paper's layer): no MLP and no LayerNorm in front of it, and a forward and
-    backward still run."""
-    cfg = tiny_config(mlp=False)
-    model = CRAM(cfg)
-    assert not [n for n, _ in model.named_parameters() if ".mlp." in n or ".ln3." in n]
-    assert [n for n, _ in CRAM(tiny_config()).named_parameters() if ".mlp." in n]
-    out = model(**random_inputs(cfg, 2, 9), targets=torch.randint(0, cfg.vocab_size, (2, 9)))
-    out["loss"].backward()
-    assert torch.isfinite(out["logits"]).all()
-
 
 def test_segment_decays_after_a_long_gap():
     """W[t, s] = exp(sum of log_a over s+1 .. t), exact to float32 rounding even after a step of
@@ -199,34 +254,24 @@ def test_segment_decays_after_a_long_gap():
     assert ((W - exact).abs() <= 1e-6 * exact + 1e-30).all(), (W - exact).abs().max()  # exp(-600) is 0 in fp32
 
 
-def test_memory_benchmark_times_every_form(tmp_path, capsys):
-    """bench.py --memories runs on a tiny shape: a row per memory and form, printed and written."""
-    import bench
-    rows = bench.working_memories("cpu", bench.cpu_timer(1), 2, 20)
-    assert [(r["memory"], r["form"]) for r in rows] == [(m, f) for m, _, _ in bench.MEMORY_FORMS
-                                                         for f in ("chunked", "sequential")]
-    assert all(r["ms"] > 0 for r in rows) and rows[0]["vs_gated"] == 1.0
-    assert [r["H"] for r in rows] == [s.get("n_head", 4) for _, s, _ in bench.MEMORY_FORMS for _ in range(2)]
-    bench.print_memories(rows, tmp_path / "rows.json")
-    assert len(json.load(open(tmp_path / "rows.json"))) == len(rows) and "palimpsa" in capsys.readouterr().out
-
 
 def test_palimpsa_carried_state_is_the_papers_recurrence():
-    """The scans carry M = I mu and Ibar = I - I_prior; written with mu and I as DESIGN.md sec. 8
-    gives them, I_t = a I_{t-1} + (1 - a) I_prior + b k^2 and mu_t = a (I_{t-1} / I_t) mu_{t-1} +
-    (v k^T) / I_t, the outputs agree: the carried form is that recurrence, not a cousin of it."""
+    """The scans carry M = I mu and Ibar = I - I_prior; written with mu and I as Palimpsa's
+    appendix derivation gives them (arXiv 2602.09075), I_t = a I_{t-1} + (1 - a) I_prior + b k^2
+    and mu_t = a (I_{t-1} / I_t) mu_{t-1} + (v k^T) / I_t, the outputs agree: the carried form is that recurrence, not a cousin of it."""
     log_a, v, k, b, q = (x.detach() for x in palimpsa_inputs(2, 17, 2, 3, 4))
     prior = 0.7
-    I = torch.full((2, 2, 3, 3), prior)
+    I = torch.full((2, 2, 3, 3), prior)  # noqa: E741  (I: the paper's importance)
     mu = torch.zeros_like(I)
     ys = []
     for t in range(17):
         a = log_a[:, t].exp()[..., None, None]
         I_new = a * I + (1 - a) * prior + b[:, t, :, :, None] * k[:, t, :, None, :] ** 2
         mu = a * (I / I_new) * mu + v[:, t, :, :, None] * k[:, t, :, None, :] / I_new
-        I = I_new
+        I = I_new  # noqa: E741  (I: the paper's importance)
         ys.append((mu @ q[:, t, :, :, None])[..., 0])
     rel_rms(cram.palimpsa_scan_chunked(log_a, v, k, b, q, prior, 1.0, 4), torch.stack(ys, 1), "y")
+
 
 
 def test_palimpsa_paper_gates():
@@ -240,6 +285,7 @@ def test_palimpsa_paper_gates():
     rel_rms((log_a / dtau[..., None]).exp(), 1 - gamma / (1 + mem.N_raw.exp()), "a")
 
 
+
 def gated_linear_attention(log_a, v, k, q, scale):
     """The plain gated linear recurrence written as masked attention: y_t = scale sum_{s<=t}
     exp(sum_{s<u<=t} log_a_u) (q_t . k_s) v_s, per head. (B, T, H, D) -> (B, T, H, D)."""
@@ -247,6 +293,7 @@ def gated_linear_attention(log_a, v, k, q, scale):
     decay = (L[..., :, None] - L[..., None, :]).masked_fill(~torch.ones(L.shape[-1], L.shape[-1], dtype=torch.bool).tril(), -math.inf).exp()
     scores = torch.einsum("bthd,bshd->bhts", q, k) * decay
     return scale * torch.einsum("bhts,bshd->bthd", scores, v)
+
 
 
 def test_palimpsa_without_importance_is_gated_linear_attention():
@@ -258,6 +305,7 @@ def test_palimpsa_without_importance_is_gated_linear_attention():
     rel_rms(cram.palimpsa_scan_chunked(log_a, v, k, None, q, 1.0, 0.5, 5), gla, "y, b = None (mamba2)")
     mamba2 = cram.PalimpsaMemory(tiny_config(), metaplastic=False)
     assert mamba2.gates(torch.randn(1, 3, 16), torch.ones(1, 3))[2] is None  # no importance scanned
+
 
 
 def test_palimpsa_tends_to_gated_linear_attention_as_the_prior_grows():
@@ -273,6 +321,7 @@ def test_palimpsa_tends_to_gated_linear_attention_as_the_prior_grows():
     assert gap[10.0] > 0.01  # the importance does matter at a small prior
     for p in (10.0, 100.0):  # tenfold prior, tenfold smaller gap (1/I_prior, up to O(1/I_prior^2))
         assert 0.08 < gap[10 * p] / gap[p] < 0.12, gap
+
 
 
 @pytest.mark.parametrize("param", ["code", "paper"])
@@ -294,23 +343,53 @@ def test_palimpsa_importance_never_below_the_prior(param, scale, seed):
     assert torch.isfinite(mem(x, dtau)).all()
 
 
-def test_consolidation_and_q_head_train_only_their_own_weights():
-    """The consolidation loss moves only semantic memory, the q-head loss only the q-head: neither
-    may reshape attention or the residual stream (the Router docstring's promise)."""
-    cfg = tiny_config()
-    block = cram.Block(cfg).train()
-    x, dtau = torch.randn(2, 20, cfg.n_embd, requires_grad=True), torch.rand(2, 20)
-    for term, owner in (("consol", "semantic."), ("qhead", "router.q_head.")):
-        block.zero_grad()
-        x.grad = None
-        _, terms, _ = block(x, dtau, 1.0, ROUTER_MODES["always"])
-        terms[term].backward()
-        moved = {n for n, p in block.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-        assert moved and all(n.startswith(owner) for n in moved), (term, sorted(moved))
-        assert x.grad is None or x.grad.abs().sum() == 0, term
+
+def test_paper_mamba2_keeps_no_importance_state():
+    """wm_kind=mamba2 is Palimpsa with b = 0 in both parametrisations: its output is the scan's
+    with no importance at all."""
+    cfg = tiny_config(wm_kind="mamba2", palimpsa_param="paper", palimpsa_prior=2.0)
+    torch.manual_seed(0)
+    mem = cram.PalimpsaMemory(cfg, metaplastic=False)
+    x, dtau = torch.randn(2, 9, cfg.n_embd), torch.rand(2, 9) + 0.5
+    no_importance = lambda la, v, k, b, q, prior, scale, **kw: cram.palimpsa_scan_sequential(
+        la, v, k, None, q, prior, scale, **kw)
+    cram_out = mem(x, dtau, scan=cram.palimpsa_scan_sequential)
+    assert torch.allclose(cram_out, mem(x, dtau, scan=no_importance), atol=1e-6)
 
 
-# ---- routed attention ----------------------------------------------------------------------
+
+def test_short_conv_memory_sees_exactly_the_last_three_tokens():
+    """wm_kind="conv" (after Zoology's BaseConv, kernel 3): y_t changes with x_{t-2} .. x_t and with
+    nothing earlier or later."""
+    mem = cram.ShortConvMemory(tiny_config(wm_kind="conv"))
+    x = torch.randn(2, 12, mem.out_proj.out_features)
+    t, y = 7, mem(x)
+    for s in range(12):
+        x2 = x.clone()
+        x2[:, s] += 1.0
+        changed = not torch.allclose(mem(x2)[:, t], y[:, t])
+        assert changed == (t - 2 <= s <= t), (s, changed)
+
+
+
+def test_ctrnn_step_by_hand():
+    """The paper's update, h <- h + dt sigmoid(W_tau log(1 + dtau)) tanh(W1 h + W2 x) with the Euler
+    step dt = 1/K, worked by hand for d = 1, K = 2: W1 = 0.5, W2 = 2, b2 = -1, W_tau = 1, h = 0.2,
+    x = 0.7, dtau = e - 1 (so log(1 + dtau) = 1 and the gate is sigmoid(1) = 0.7310586)."""
+    wm = cram.CTRNNMemory(CramConfig(n_embd=1, n_head=1, ctrnn_steps=2))
+    with torch.no_grad():
+        for p, value in ((wm.W1.weight, 0.5), (wm.W2.weight, 2.0), (wm.W2.bias, -1.0),
+                         (wm.W_tau.weight, 1.0), (wm.W_tau.bias, 0.0)):
+            p.fill_(value)
+    gate = 1 / (1 + math.exp(-1))                    # 0.7310586
+    h1 = 0.2 + 0.5 * gate * math.tanh(0.5 * 0.2 + 0.4)   # drive W2 x + b2 = 0.4; h1 = 0.3689174
+    h2 = h1 + 0.5 * gate * math.tanh(0.5 * h1 + 0.4)     # h2 = 0.5611487
+    assert abs(h1 - 0.3689174) < 1e-6 and abs(h2 - 0.5611487) < 1e-6
+    h = wm.step(torch.tensor([[0.2]]), torch.tensor([[0.7]]), torch.tensor([math.e - 1]))
+    assert abs(h.item() - h2) < 1e-6, (h.item(), h2)
+
+
+# ---- routed attention (cram.py) and the window --------------------------------------------------
 
 @given(B=st.integers(1, 3), H=st.integers(1, 3), T=st.integers(1, 40), D=st.sampled_from([1, 3, 8]),
        window=st.integers(1, 50), p=st.floats(0, 1), seed=st.integers(0, 2**16))
@@ -337,6 +416,7 @@ def test_routed_attention_equals_dense_on_routed_rows(B, H, T, D, window, p, see
         rel_rms(a, r, f"d{name}")
 
 
+
 def test_attention_work_is_proportional_to_routed_queries():
     """router_mode=fixed routes every k-th token: work falls by k, counted, not assumed."""
     x = random_inputs(tiny_config(), 2, 64)
@@ -351,22 +431,83 @@ def test_attention_work_is_proportional_to_routed_queries():
     assert counts[16]["scores"] * 8 < counts[1]["scores"]
 
 
-# ---- model properties ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", ["dense", pytest.param("kernel", marks=needs_triton)])
+@pytest.mark.parametrize("mode", ["learned", "no_consolidation", "fixed"])
+def test_attention_impls_equal_the_twin_in_training(impl, mode):
+    """The same weights with attn_impl="twin" and `impl` (dense: every query by SDPA, the routed rows
+    kept; kernel: Triton under the interpreter, D = 8 a padded tile), in training with the same
+    Gumbel draws and spot checks: equal logits, loss terms and gradients of every parameter."""
+    cfg = lambda impl: tiny_config(router_mode=mode, attn_impl=impl, fixed_every=3, window=12)
+    twin, other = CRAM(cfg("twin")).train(), CRAM(cfg(impl)).train()
+    other.load_state_dict(twin.state_dict())
+    x = random_inputs(twin.cfg, 2, 30)
+    g = torch.Generator().manual_seed(1)
+    labels = dict(targets=torch.randint(0, 40, (2, 30), generator=g), pred_targets=torch.randn(2, 30, 1, generator=g))
+    runs = []
+    for model in (twin, other):
+        torch.manual_seed(3)
+        out = model(**x, **labels)
+        out["loss"].backward()
+        runs.append((out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (a, ga), (b, gb) = runs
+    assert 0 < float(routing_stats(a["routing"])["attn_pair_frac"]) < 1  # routed, not all or none
+    rel_rms(b["logits"], a["logits"], "logits")
+    for k in a["terms"]:
+        rel_rms(b["terms"][k], a["terms"][k], f"term {k}")
+    assert ga.keys() == gb.keys()
+    for name in ga:
+        rel_rms(gb[name], ga[name], f"d {name}")
+
+
+
+def test_attention_impl_resolution(monkeypatch):
+    """attn_impl="auto": dense SDPA when every token is routed, the Triton kernel on CUDA (triton
+    present, heads <= 128), the twin otherwise; an explicit choice is kept as it is."""
+    pick = cram.attention_impl
+    assert pick("auto", is_cuda=False, head_dim=64, all_routed=True) == "dense"
+    assert pick("auto", is_cuda=False, head_dim=64, all_routed=False) == "twin"
+    assert pick("auto", is_cuda=True, head_dim=256, all_routed=False) == "twin"
+    assert pick("twin", is_cuda=True, head_dim=64, all_routed=True) == "twin"
+    assert pick("dense", is_cuda=False, head_dim=64, all_routed=False) == "dense"
+    assert pick("auto", is_cuda=True, head_dim=64, all_routed=False) == ("kernel" if kernel else "twin")
+    cram.triton_attention.cache_clear()
+    monkeypatch.setitem(sys.modules, "kernel", None)                   # import kernel fails
+    try:
+        assert pick("auto", is_cuda=True, head_dim=64, all_routed=False) == "twin"
+        with pytest.raises(ConfigError, match="attn_impl='kernel': triton is not installed"):
+            CRAM(tiny_config(attn_impl="kernel"))
+    finally:
+        cram.triton_attention.cache_clear()
+
+
+
+@pytest.mark.parametrize("window", [1, 2, 5, 40])
+def test_window_meaning_pinned_absolutely(window):
+    """A query at t sees keys t-window+1 .. t, and nothing checks this against another copy of the
+    same rule: with q = 0 every visible key scores alike, so the output is the plain mean of the
+    last `window` values (window=1: each query's own value), in the twin and the dense reference."""
+    B, H, T, D = 2, 3, 20, 4
+    k, v = torch.randn(2, B, H, T, D).unbind(0)
+    q = torch.zeros(B, H, T, D)
+    want = torch.stack([v[:, :, max(0, t - window + 1):t + 1].mean(2) for t in range(T)], 2)  # (B, H, T, D)
+    b, t = torch.ones(B, T, dtype=torch.bool).nonzero(as_tuple=True)
+    rel_rms(cram.routed_attention(q[b, :, t], k, v, b, t, window), want[b, :, t], "twin")
+    rel_rms(dense_attention(q, k, v, window), want, "dense")
+
+
+# ---- the router, the layer and the model's properties (cram.py) ---------------------------------
+
+def test_eval_model_mixes_tiers():
+    """The premise of the property tests below: with router_mode="learned" every tier is chosen."""
+    cfg = tiny_config()
+    z = eval_model(cfg)(**random_inputs(cfg, 2, 40))["routing"]["z"]
+    assert (z.mean((0, 1, 2)) > 0.1).all(), z.mean((0, 1, 2))
+
+
 
 MODES = list(ROUTER_MODES)
 
-
-def test_short_conv_memory_sees_exactly_the_last_three_tokens():
-    """wm_kind="conv" (after Zoology's BaseConv, kernel 3): y_t changes with x_{t-2} .. x_t and with
-    nothing earlier or later."""
-    mem = cram.ShortConvMemory(tiny_config(wm_kind="conv"))
-    x = torch.randn(2, 12, mem.out_proj.out_features)
-    t, y = 7, mem(x)
-    for s in range(12):
-        x2 = x.clone()
-        x2[:, s] += 1.0
-        changed = not torch.allclose(mem(x2)[:, t], y[:, t])
-        assert changed == (t - 2 <= s <= t), (s, changed)
 
 
 @pytest.mark.parametrize("mode,wm_kind", [(m, "gated") for m in MODES] + [("learned", "ctrnn"), ("fixed", "ctrnn"),
@@ -395,6 +536,7 @@ def test_causality(mode, wm_kind, seed, draws):
     assert not torch.allclose(b["logits"][:, t + 1:], a["logits"][:, t + 1:])  # the change did reach
 
 
+
 @given(B=st.integers(2, 4), T=st.integers(1, 30), seed=st.integers(0, 2**16),
        wm_kind=st.sampled_from(["gated", "palimpsa"]))
 def test_batch_independence(B, T, seed, wm_kind):
@@ -409,6 +551,7 @@ def test_batch_independence(B, T, seed, wm_kind):
         assert torch.equal(one["routing"]["z"][:, 0], full["routing"]["z"][:, i]), f"routing row {i}"
 
 
+
 @given(T=st.integers(1, 40), window=st.integers(1, 50), seed=st.integers(0, 2**16))
 @settings(max_examples=8)
 def test_always_routing_equals_dense_attention_model(T, window, seed):
@@ -418,6 +561,14 @@ def test_always_routing_equals_dense_attention_model(T, window, seed):
     dense.load_state_dict(twin.state_dict())
     x = random_inputs(twin.cfg, 2, T, seed)
     rel_rms(twin(**x)["logits"], dense(**x)["logits"], "logits")
+
+
+
+def test_always_routes_every_token_in_evaluation_too():
+    model = CRAM(tiny_config(router_mode="always")).eval()
+    z = model(**random_inputs(model.cfg, 2, 9))["routing"]["z"]
+    assert (z[..., cram.EPISODIC] == 1).all()
+
 
 
 def test_never_routing_does_no_attention_work():
@@ -439,16 +590,27 @@ def test_never_routing_does_no_attention_work():
     assert torch.equal(a, model(**x)["logits"])
 
 
+
 def test_no_semantic_mode_never_routes_to_semantic_memory():
     """router_mode="no_semantic" (an ablation row): the router chooses between W and E only, in
     training and in evaluation, while the same weights under "learned" do use S."""
     model = eval_model(tiny_config())
     x = random_inputs(model.cfg, 2, 40)
-    assert model(**x)["routing"]["z"][..., cram.S].sum() > 0
+    assert model(**x)["routing"]["z"][..., cram.SEMANTIC].sum() > 0
     for train_mode in (False, True):
         model.train(train_mode)
         z = model(**x, router_mode="no_semantic")["routing"]["z"]
-        assert z[..., cram.S].sum() == 0 and z[..., cram.E].sum() > 0
+        assert z[..., cram.SEMANTIC].sum() == 0 and z[..., cram.EPISODIC].sum() > 0
+
+
+
+@pytest.mark.parametrize("T, k", [(7, 3), (10, 4), (5, 8), (16, 16)])
+def test_fixed_routing_attends_at_k_minus_1_every_k(T, k):
+    """Every k-th token, counted from 1: positions k-1, 2k-1, ... (T need not be a multiple of k)."""
+    z = cram.route(torch.zeros(2, T, 3), cram.ROUTER_MODES["fixed"], 1.0, False, k)
+    for row in z[..., cram.EPISODIC]:
+        assert row.nonzero()[:, 0].tolist() == [t for t in range(T) if t % k == k - 1]
+
 
 
 def test_transformer_baseline_is_position_aware():
@@ -467,6 +629,7 @@ def test_transformer_baseline_is_position_aware():
         model(**random_inputs(model.cfg, 1, 13))
 
 
+
 def test_learned_routing_runs_attention_only_for_routed_tokens_at_inference():
     cfg = tiny_config()
     model = eval_model(cfg)
@@ -475,6 +638,7 @@ def test_learned_routing_runs_attention_only_for_routed_tokens_at_inference():
     out = model(**x)
     routed = float(routing_stats(out["routing"])["attn_pair_frac"]) * 3 * 50 * cfg.n_layer
     assert 0 < cram.attention_work["queries"] == round(routed)
+
 
 
 def test_losses_are_finite_and_each_term_reported():
@@ -511,85 +675,35 @@ def test_router_starts_at_attn_prior_and_q_weighted_penalty(penalty_q):
     assert charged[-30.0] < 1e-6 if penalty_q else abs(charged[-30.0] - charged[30.0]) < 1e-6
 
 
-# ---- attention implementations (cfg.attn_impl) and the window -------------------------------
 
-@pytest.mark.parametrize("impl", ["dense", pytest.param("kernel", marks=needs_triton)])
-@pytest.mark.parametrize("mode", ["learned", "no_consolidation", "fixed"])
-def test_attention_impls_equal_the_twin_in_training(impl, mode):
-    """The same weights with attn_impl="twin" and `impl` (dense: every query by SDPA, the routed rows
-    kept; kernel: Triton under the interpreter, D = 8 a padded tile), in training with the same
-    Gumbel draws and spot checks: equal logits, loss terms and gradients of every parameter."""
-    cfg = lambda impl: tiny_config(router_mode=mode, attn_impl=impl, fixed_every=3, window=12)
-    twin, other = CRAM(cfg("twin")).train(), CRAM(cfg(impl)).train()
-    other.load_state_dict(twin.state_dict())
-    x = random_inputs(twin.cfg, 2, 30)
-    g = torch.Generator().manual_seed(1)
-    labels = dict(targets=torch.randint(0, 40, (2, 30), generator=g), pred_targets=torch.randn(2, 30, 1, generator=g))
-    runs = []
-    for model in (twin, other):
-        torch.manual_seed(3)
-        out = model(**x, **labels)
-        out["loss"].backward()
-        runs.append((out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
-    (a, ga), (b, gb) = runs
-    assert 0 < float(routing_stats(a["routing"])["attn_pair_frac"]) < 1  # routed, not all or none
-    rel_rms(b["logits"], a["logits"], "logits")
-    for k in a["terms"]:
-        rel_rms(b["terms"][k], a["terms"][k], f"term {k}")
-    assert ga.keys() == gb.keys()
-    for name in ga:
-        rel_rms(gb[name], ga[name], f"d {name}")
+def test_the_compute_penalty_never_trains_the_q_head():
+    """q_hat enters the penalty detached: with every other loss on the q-head off, a large compute
+    weight leaves the q-head without gradient (the penalty moves P(E), never the estimate)."""
+    x = random_inputs(tiny_config(), 2, 12)
+    torch.manual_seed(1)
+    model = CRAM(tiny_config(w_compute=5.0, w_qhead=0.0)).train()
+    loss = model(**x, targets=torch.zeros(2, 12, dtype=torch.long))["loss"]
+    heads = [b.router.q_head.weight for b in model.blocks]
+    for g in torch.autograd.grad(loss, heads, allow_unused=True):
+        assert g is None or float(g.abs().max()) == 0, "the compute penalty reaches the q-head"
 
 
-def test_attention_impl_resolution(monkeypatch):
-    """attn_impl="auto": dense SDPA when every token is routed, the Triton kernel on CUDA (triton
-    present, heads <= 128), the twin otherwise; an explicit choice is kept as it is."""
-    pick = cram.attention_impl
-    assert pick("auto", is_cuda=False, head_dim=64, all_routed=True) == "dense"
-    assert pick("auto", is_cuda=False, head_dim=64, all_routed=False) == "twin"
-    assert pick("auto", is_cuda=True, head_dim=256, all_routed=False) == "twin"
-    assert pick("twin", is_cuda=True, head_dim=64, all_routed=True) == "twin"
-    assert pick("dense", is_cuda=False, head_dim=64, all_routed=False) == "dense"
-    assert pick("auto", is_cuda=True, head_dim=64, all_routed=False) == ("kernel" if kernel else "twin")
-    cram.triton_attention.cache_clear()
-    monkeypatch.setitem(sys.modules, "kernel", None)                   # import kernel fails
-    try:
-        assert pick("auto", is_cuda=True, head_dim=64, all_routed=False) == "twin"
-        with pytest.raises(ConfigError, match="attn_impl='kernel': triton is not installed"):
-            CRAM(tiny_config(attn_impl="kernel"))
-    finally:
-        cram.triton_attention.cache_clear()
 
+def test_consolidation_and_q_head_train_only_their_own_weights():
+    """The consolidation loss moves only semantic memory, the q-head loss only the q-head: neither
+    may reshape attention or the residual stream (the Router docstring's promise)."""
+    cfg = tiny_config()
+    block = cram.Block(cfg).train()
+    x, dtau = torch.randn(2, 20, cfg.n_embd, requires_grad=True), torch.rand(2, 20)
+    for term, owner in (("consol", "semantic."), ("qhead", "router.q_head.")):
+        block.zero_grad()
+        x.grad = None
+        _, terms, _ = block(x, dtau, 1.0, ROUTER_MODES["always"])
+        terms[term].backward()
+        moved = {n for n, p in block.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        assert moved and all(n.startswith(owner) for n in moved), (term, sorted(moved))
+        assert x.grad is None or x.grad.abs().sum() == 0, term
 
-@pytest.mark.parametrize("window", [1, 2, 5, 40])
-def test_window_meaning_pinned_absolutely(window):
-    """A query at t sees keys t-window+1 .. t, and nothing checks this against another copy of the
-    same rule: with q = 0 every visible key scores alike, so the output is the plain mean of the
-    last `window` values (window=1: each query's own value), in the twin and the dense reference."""
-    B, H, T, D = 2, 3, 20, 4
-    k, v = torch.randn(2, B, H, T, D).unbind(0)
-    q = torch.zeros(B, H, T, D)
-    want = torch.stack([v[:, :, max(0, t - window + 1):t + 1].mean(2) for t in range(T)], 2)  # (B, H, T, D)
-    b, t = torch.ones(B, T, dtype=torch.bool).nonzero(as_tuple=True)
-    rel_rms(cram.routed_attention(q[b, :, t], k, v, b, t, window), want[b, :, t], "twin")
-    rel_rms(dense_attention(q, k, v, window), want, "dense")
-
-
-def test_ctrnn_step_by_hand():
-    """The paper's update, h <- h + dt sigmoid(W_tau log(1 + dtau)) tanh(W1 h + W2 x) with the Euler
-    step dt = 1/K, worked by hand for d = 1, K = 2: W1 = 0.5, W2 = 2, b2 = -1, W_tau = 1, h = 0.2,
-    x = 0.7, dtau = e - 1 (so log(1 + dtau) = 1 and the gate is sigmoid(1) = 0.7310586)."""
-    wm = cram.CTRNNMemory(CramConfig(n_embd=1, n_head=1, ctrnn_steps=2))
-    with torch.no_grad():
-        for p, value in ((wm.W1.weight, 0.5), (wm.W2.weight, 2.0), (wm.W2.bias, -1.0),
-                         (wm.W_tau.weight, 1.0), (wm.W_tau.bias, 0.0)):
-            p.fill_(value)
-    gate = 1 / (1 + math.exp(-1))                    # 0.7310586
-    h1 = 0.2 + 0.5 * gate * math.tanh(0.5 * 0.2 + 0.4)   # drive W2 x + b2 = 0.4; h1 = 0.3689174
-    h2 = h1 + 0.5 * gate * math.tanh(0.5 * h1 + 0.4)     # h2 = 0.5611487
-    assert abs(h1 - 0.3689174) < 1e-6 and abs(h2 - 0.5611487) < 1e-6
-    h = wm.step(torch.tensor([[0.2]]), torch.tensor([[0.7]]), torch.tensor([math.e - 1]))
-    assert abs(h.item() - h2) < 1e-6, (h.item(), h2)
 
 
 def test_spot_checks_give_targets_but_never_reach_the_output():
@@ -608,7 +722,7 @@ def test_spot_checks_give_targets_but_never_reach_the_output():
         torch.manual_seed(1)  # the same Gumbel draws both times
         return model(**x, targets=torch.full((2, 20), -1))
     a = run()
-    assert (a["routing"]["z"][..., cram.W] == 1).all() and float(a["terms"]["consol"]) > 0
+    assert (a["routing"]["z"][..., cram.WORKING] == 1).all() and float(a["terms"]["consol"]) > 0
     with torch.no_grad():
         for b in model.blocks:
             for p in b.episodic.parameters():
@@ -616,6 +730,59 @@ def test_spot_checks_give_targets_but_never_reach_the_output():
     b = run()
     assert torch.equal(a["logits"], b["logits"])
     assert float(a["terms"]["consol"]) != float(b["terms"]["consol"])  # the targets did change
+
+
+
+def test_embedding_init_std_scales_the_default_draw():
+    """--emb_std sets the token and position embeddings' init std (MQAR runs at 1.0): with the same
+    seed they are 50x larger at 1.0 than at 0.02, and every other parameter is equal."""
+    models = {}
+    for std in (0.02, 1.0):
+        torch.manual_seed(0)
+        models[std] = dict(CRAM(tiny_config(n_positions=30, emb_std=std)).named_parameters())
+    for name, p in models[0.02].items():
+        want = 50 * p if name in ("tok_emb.weight", "pos_emb.weight") else p
+        assert torch.allclose(models[1.0][name], want, rtol=1e-6, atol=0), name
+    assert abs(models[1.0]["tok_emb.weight"].std().item() - 1.0) < 0.1
+
+
+
+def test_without_mlp_the_layer_is_the_three_tiers():
+    """mlp=False (the paper's layer): no MLP and no LayerNorm in front of it, and a forward and
+    backward still run."""
+    cfg = tiny_config(mlp=False)
+    model = CRAM(cfg)
+    assert not [n for n, _ in model.named_parameters() if ".mlp." in n or ".ln3." in n]
+    assert [n for n, _ in CRAM(tiny_config()).named_parameters() if ".mlp." in n]
+    out = model(**random_inputs(cfg, 2, 9), targets=torch.randint(0, cfg.vocab_size, (2, 9)))
+    out["loss"].backward()
+    assert torch.isfinite(out["logits"]).all()
+
+
+
+def test_at_init_a_query_attends_to_the_binding_of_its_key():
+    """Zero biases and tied W_q = W_k at init: before any training, a query already puts several
+    times the uniform weight 1/(t+1) on the binding of its key, so retrieval learns from step 0.
+    With PyTorch's default biases, a constant vector 10x the embeddings drowned the keys and the
+    weight was uniform (ratio 1.0); untied, the ratio is 1.1; the fix measures 3 to 4."""
+    task = srcd(srcd_len=256)
+    batch = task.batch(4, np.random.default_rng(0))
+    torch.manual_seed(0)
+    model = CRAM(CramConfig(vocab_size=task.vocab_size, n_cont=2, n_pred=1))
+    block, (B, T, _), H = model.blocks[0], batch["tokens"].shape, model.cfg.n_head
+    with torch.no_grad():
+        x = model.tok_emb(batch["tokens"]).sum(2) + model.cont_proj(batch["cont"])
+        u = block.ln2(x + block.wm(block.ln1(x), batch["dtau"]))
+        q = block.episodic.q_proj(u).view(B, T, H, -1).transpose(1, 2)                 # (B, H, T, D)
+        k = block.episodic.kv_proj(u).view(B, T, 2, H, -1)[:, :, 0].transpose(1, 2)
+        s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        p = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), -math.inf).softmax(-1).mean(1)
+    keys, ratio = batch["tokens"][..., 0], []
+    for b, t in (batch["targets"] >= 0).nonzero().tolist():
+        bound = ((keys[b, :t] == keys[b, t]) & (batch["tokens"][b, :t, 1] != task.QUERY)).nonzero()
+        ratio.append(float(p[b, t, bound[0, 0]]) * (t + 1))
+    assert np.median(ratio) > 2, np.median(ratio)
+
 
 
 def test_token_model_and_one_line_input_errors():
@@ -636,6 +803,7 @@ def test_token_model_and_one_line_input_errors():
         assert "\n" not in str(e.value) and str(e.value).startswith("CRAM.forward:")
 
 
+
 def test_model_traces_under_torch_compile():
     """--compile on CUDA wraps the model in torch.compile; here TorchDynamo traces it (backend
     "eager": no code generation, so it runs on any CPU) and the loss equals the plain model's. The
@@ -647,6 +815,7 @@ def test_model_traces_under_torch_compile():
     compiled["loss"].backward()
     torch.manual_seed(1)
     rel_rms(compiled["loss"], model(**x)["loss"], "loss")
+
 
 
 def test_training_step_makes_no_host_sync_with_dense_attention(monkeypatch):
@@ -671,16 +840,169 @@ def test_training_step_makes_no_host_sync_with_dense_attention(monkeypatch):
     assert np.isfinite(train.to_host(m)["loss"])
 
 
-# ---- SRCD ------------------------------------------------------------------------------------
+# ---- incremental generation (cram.py prefill / step, sample.py) ---------------------------------
+
+# fp32 unit roundoff is 6e-8; the step's sums run in another order than the full forward's
+# (the plain recurrence against the chunked scan, one SDPA row against the twin's einsum, keys in
+# ring order) through 2 layers of LayerNorm and residuals: measured 2e-7 relative RMS. A wrong
+# state or key, even one token off, moved them by 1.4e-4 or more in deliberately broken copies.
+STEP_TOL = 1e-5
+CHUNK, WINDOW, FIXED_EVERY, LENGTH = 4, 8, 3, 16
+
+
+
+PROMPTS = {"1": 1, "chunk-1": CHUNK - 1, "chunk+1": CHUNK + 1, "past-window": WINDOW + 3}
+
+
+
+GEN_MODES = ("learned", "always", "never", "fixed")
+
+
+
+def gen_model(wm_kind, router_mode, seed=0):
+    """A small model in eval mode whose learned router really chooses: at init it sends nearly
+    every token to attention (attn_prior), so its logits get weights of std 1 and no bias."""
+    cfg = CramConfig(vocab_size=40, n_cont=2, n_pred=1, n_embd=16, n_head=2, n_layer=2,
+                     window=WINDOW, wm_chunk=CHUNK, wm_kind=wm_kind, router_mode=router_mode,
+                     fixed_every=FIXED_EVERY, n_positions=LENGTH if wm_kind == "none" else 0)
+    torch.manual_seed(seed)
+    model = cram.CRAM(cfg).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.router.logits.weight.normal_(0, 1.0)
+            block.router.logits.bias.zero_()
+    return model
+
+
+
+def gen_inputs(B, T, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 40, (B, T, 2), generator=g), torch.rand(B, T, generator=g) * 2,
+            torch.randn(B, T, 2, generator=g))
+
+
+
+def incremental(model, tokens, dtau, cont, prompt):
+    """prefill the first `prompt` tokens, step through the rest -> logits, pred, z over all T."""
+    out, cache = model.prefill(tokens[:, :prompt], dtau[:, :prompt], cont[:, :prompt])
+    outs = [out]
+    for t in range(prompt, tokens.shape[1]):
+        out, cache = model.step(tokens[:, t:t + 1], dtau[:, t:t + 1], cont[:, t:t + 1], cache)
+        outs.append(out)
+    assert cache.pos == tokens.shape[1]
+    return (torch.cat([o["logits"] for o in outs], 1), torch.cat([o["pred"] for o in outs], 1),
+            torch.cat([o["routing"]["z"] for o in outs], 2))
+
+
+
+@pytest.mark.parametrize("prompt", PROMPTS.values(), ids=[f"prompt={p}" for p in PROMPTS])
+@pytest.mark.parametrize("mode", GEN_MODES)
+@pytest.mark.parametrize("wm_kind", cram.WM_KINDS)
+def test_prefill_then_steps_equal_the_full_forward(wm_kind, mode, prompt):
+    """Logits, regression output and every layer's routing, token by token, as the full forward on
+    the whole sequence computes them: for every working memory, router mode and prompt length,
+    including prompts longer than the window (the cache has evicted keys before the first step)
+    and 16 tokens in all, twice the window (the steps evict as well)."""
+    model = gen_model(wm_kind, mode)
+    tokens, dtau, cont = gen_inputs(3, LENGTH)
+    with torch.no_grad():
+        full = model(tokens, dtau, cont)
+    logits, pred, z = incremental(model, tokens, dtau, cont, prompt)
+    assert torch.equal(z, full["routing"]["z"]), "routing differs"
+    rel_rms(logits, full["logits"], "logits", tol=STEP_TOL)
+    rel_rms(pred, full["pred"], "pred", tol=STEP_TOL)
+    share = z[..., EPISODIC].mean()
+    want = {"always": 1.0, "never": 0.0}.get(mode)
+    if mode == "fixed":  # positions 2, 5, 8, ... of the sequence, in both layers
+        assert torch.equal(z[..., EPISODIC].nonzero()[:, 2].unique(), torch.arange(2, LENGTH, 3))
+    elif want is None:
+        assert 0 < share < 1, "the learned router should mix tiers here, or the test checks little"
+    else:
+        assert share == want
+
+
+
+@pytest.mark.parametrize("wm_kind", cram.WM_KINDS)
+def test_generation_keeps_batch_rows_independent(wm_kind):
+    """Each row generated alone gives what it gives in a batch whose rows route differently."""
+    model = gen_model(wm_kind, "learned")
+    tokens, dtau, cont = gen_inputs(3, LENGTH, seed=1)
+    logits, _, z = incremental(model, tokens, dtau, cont, 5)
+    assert not all(torch.equal(z[:, 0], z[:, b]) for b in (1, 2)), "rows route alike"
+    for b in range(3):
+        row = slice(b, b + 1)
+        alone, _, z_alone = incremental(model, tokens[row], dtau[row], cont[row], 5)
+        assert torch.equal(z_alone, z[:, row])
+        rel_rms(alone, logits[row], f"row {b}", tol=STEP_TOL)
+
+
+
+@pytest.mark.parametrize("wm_kind", cram.WM_KINDS)
+def test_the_cache_does_not_grow_with_the_sequence(wm_kind):
+    """A fixed size per sequence: once the prompt fills the window, no step adds a byte."""
+    model = gen_model(wm_kind, "learned")
+    tokens, dtau, cont = gen_inputs(2, LENGTH)
+    _, cache = model.prefill(tokens[:, :WINDOW], dtau[:, :WINDOW], cont[:, :WINDOW])
+    size = cache.nbytes()
+    for t in range(WINDOW, LENGTH):
+        _, cache = model.step(tokens[:, t:t + 1], dtau[:, t:t + 1], cont[:, t:t + 1], cache)
+    assert cache.nbytes() == size
+    state, kv = size
+    assert kv == 2 * 2 * (2 * 2 * WINDOW * 8) * 4  # layers x (k, v) x (B H window D) x 4 bytes
+    assert (state == 0) == (wm_kind == "none")
+
+
+
+def test_generation_misuse_fails_with_one_line():
+    model = gen_model("gated", "learned")
+    tokens, dtau, cont = gen_inputs(1, 4)
+    _, cache = model.prefill(tokens, dtau, cont)
+    with pytest.raises(ConfigError, match="one token"):
+        model.step(tokens[:, :2], dtau[:, :2], cont[:, :2], cache)
+    with pytest.raises(ConfigError, match="model.eval"):
+        model.train().prefill(tokens, dtau, cont)
+    transformer = gen_model("none", "always")
+    tokens, dtau, cont = gen_inputs(1, LENGTH)
+    _, cache = transformer.prefill(tokens, dtau, cont)
+    with pytest.raises(ConfigError, match="n_positions=16"):
+        transformer.step(tokens[:, :1], dtau[:, :1], cont[:, :1], cache)
+
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
+def test_sample_generates_the_same_text_with_and_without_the_cache(temperature):
+    """sample.generate: incremental (default) and the recompute (--no_cache) draw the same tokens
+    from the same seed, and report the same share of attention per layer. A token model with
+    position embeddings, and a context of 12 < 6 + 10 tokens: past it both slide a window of 12
+    (the cached path by a fresh prefill per token: absolute positions cannot shift in a cache)."""
+    cfg = CramConfig(vocab_size=50, n_embd=16, n_head=2, window=8, wm_chunk=4, n_positions=12,
+                     router_mode="learned")
+    torch.manual_seed(0)
+    model = cram.CRAM(cfg).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.router.logits.weight.normal_(0, 1.0)
+            block.router.logits.bias.zero_()
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    runs = [sample.generate(model, ids, 10, 12, 50, temperature, 5,
+                            torch.Generator().manual_seed(1), use_cache=c) for c in (True, False)]
+    (cached, attn_cached), (recomputed, attn_recomputed) = runs
+    assert torch.equal(cached, recomputed)
+    assert torch.equal(attn_cached, attn_recomputed) and 0 < attn_cached.mean() < 1
+
+
+# ---- datasets: SRCD and MQAR (data.py) ----------------------------------------------------------
 
 def srcd(**kw):
     return data.make(dict(train.DEFAULTS, **kw))
+
 
 
 def class_ids(task, tokens):
     """SRCD's classes as one (b, n) array: 0 other, 1 recurring query, 2 novel query."""
     c = task.classes(tokens)
     return (c["recurring"].long() + 2 * c["novel"].long()).numpy()
+
 
 
 @given(n=st.integers(40, 600), query=st.floats(0.01, 0.2), recurring=st.floats(0, 1), seed=st.integers(0, 2**16),
@@ -703,6 +1025,7 @@ def test_srcd_invariants(n, query, recurring, seed, shared, zipf):
     assert (batch["dtau"] > 0).all() and torch.isfinite(batch["pred_targets"]).all()
 
 
+
 def test_srcd_open_recurring_is_attended_or_wrong():
     """open_recurring, the theory's unconsolidated mass: a recurring query counts unless it was
     answered right with attention unused in every layer; other classes never count."""
@@ -718,10 +1041,11 @@ def test_srcd_open_recurring_is_attended_or_wrong():
                routing=dict(z=F.one_hot(tier, 3).float(), q_hat=torch.zeros(2, B, T)))
     rec = task.classes(batch["tokens"])["recurring"].numpy()
     hit = (answer == batch["targets"]).numpy()
-    attended_any = (tier.numpy() == cram.E).any(0)
+    attended_any = (tier.numpy() == cram.EPISODIC).any(0)
     expected = (~hit | attended_any)[rec].mean()
     assert 0 < expected < 1
     assert task.metrics(out, batch)["open_recurring"].item() == pytest.approx(expected)
+
 
 
 def test_srcd_recurring_keys_keep_their_value_and_novel_ones_do_not():
@@ -741,6 +1065,44 @@ def test_srcd_recurring_keys_keep_their_value_and_novel_ones_do_not():
     # the floor is the share of novel queries
     assert abs((cls == 2).mean() - task.floor) < 1e-12
     assert abs(task.floor - 0.05 * 0.3) < 0.002
+
+
+
+def test_srcd_zipf_pool_frequencies():
+    """With srcd_zipf = s, pattern i recurs in proportion to i^-s; the theory's parameters follow."""
+    task = srcd(srcd_zipf=1.5, srcd_pool=20)
+    tok = task.batch(400, np.random.default_rng(0))["tokens"].numpy()
+    queried = tok[..., 0][(tok[..., 1] == task.QUERY) & task.in_pool[tok[..., 0]]]
+    freq = np.array([(queried == key).mean() for key in task.pool_keys])
+    want = np.arange(1, 21) ** -1.5 / (np.arange(1, 21) ** -1.5).sum()
+    assert np.abs(freq - want).max() < 0.01 and freq[0] > 3 * freq[4], (freq[:5], want[:5])
+    assert np.allclose(srcd_fit.srcd_params(dict(train.DEFAULTS, srcd_zipf=1.5, srcd_pool=20))["p"], want)
+    assert np.allclose(srcd().pool_p, 0.01)  # the default pool stays uniform
+    with pytest.raises(ConfigError, match="srcd_zipf"):
+        srcd(srcd_zipf=-1.0)
+
+
+
+def test_srcd_shared_keys_draws_the_pool_from_one_key_space():
+    """By default the pool is the first block of key ids (so earlier runs repeat); with
+    srcd_shared_keys it is a random subset of the same key space and the novel keys are the rest,
+    so key ids below or above any threshold are a mix of both."""
+    plain, shared = srcd(), srcd(srcd_shared_keys=True)
+    space = np.arange(plain.key0, plain.value0)
+    assert (plain.pool_keys == space[:plain.pool]).all()
+    for task in (plain, shared):
+        assert sorted([*task.pool_keys, *task.novel_key_ids]) == list(space)
+        assert task.in_pool.sum() == task.pool and task.in_pool[task.pool_keys].all()
+    low = space[:len(space) // 2]
+    assert plain.in_pool[low].mean() == plain.pool / len(low)                      # the pool fills the low ids
+    assert abs(shared.in_pool[low].mean() - shared.pool / len(space)) < 0.1        # spread evenly
+
+
+
+def test_srcd_pool_new_changes_exactly_those_bindings():
+    old, new = srcd(), srcd(srcd_pool_new=50)
+    assert (old.pool_values[:50] != new.pool_values[:50]).all() and (old.pool_values[50:] == new.pool_values[50:]).all()
+    assert (old.pool_keys == new.pool_keys).all()
 
 
 
@@ -773,6 +1135,7 @@ def test_mqar_follows_zoology(kv, extra, vocab, filler, seed):
             assert (row[rest] == 0).all()
 
 
+
 def test_mqar_queries_cluster_after_the_block():
     """p(g) ~ (g+1)^(a-1) with a = 0.01: most queries come early; a = 1 spreads them uniformly."""
     early = {}
@@ -784,70 +1147,35 @@ def test_mqar_queries_cluster_after_the_block():
     assert early[0.01] > 0.5 and abs(early[1.0] - 1 / 8) < 0.05, early
 
 
-def test_srcd_zipf_pool_frequencies():
-    """With srcd_zipf = s, pattern i recurs in proportion to i^-s; the theory's parameters follow."""
-    task = srcd(srcd_zipf=1.5, srcd_pool=20)
-    tok = task.batch(400, np.random.default_rng(0))["tokens"].numpy()
-    queried = tok[..., 0][(tok[..., 1] == task.QUERY) & task.in_pool[tok[..., 0]]]
-    freq = np.array([(queried == key).mean() for key in task.pool_keys])
-    want = np.arange(1, 21) ** -1.5 / (np.arange(1, 21) ** -1.5).sum()
-    assert np.abs(freq - want).max() < 0.01 and freq[0] > 3 * freq[4], (freq[:5], want[:5])
-    assert np.allclose(srcd_fit.srcd_params(dict(train.DEFAULTS, srcd_zipf=1.5, srcd_pool=20))["p"], want)
-    assert np.allclose(srcd().pool_p, 0.01)  # the default pool stays uniform
-    with pytest.raises(ConfigError, match="srcd_zipf"):
-        srcd(srcd_zipf=-1.0)
+
+@pytest.mark.parametrize("name", list(data.DATASETS))
+def test_dataset_interface(name, token_dir):
+    """What train.py asks of every dataset: model sizes, batches of CRAM.forward's arguments decided
+    by the rng alone, metrics as 0-dim tensors, one-line descriptions, a JSON summary, flags."""
+    task = data.make(dict(train.DEFAULTS, dataset=name, data_dir=str(token_dir)))
+    assert all(type(getattr(task, k)) is int for k in ("vocab_size", "n_cont", "n_pred"))
+    batch = task.batch(3, np.random.default_rng(0), "cpu")
+    again = task.batch(3, np.random.default_rng(0), "cpu")
+    assert batch.keys() == again.keys() and all(torch.equal(batch[k], again[k]) for k in batch)
+    assert set(batch) <= set(inspect.signature(CRAM.forward).parameters) and "tokens" in batch
+    model = CRAM(CramConfig(vocab_size=task.vocab_size, n_cont=task.n_cont, n_pred=task.n_pred,
+                            n_embd=16, n_head=2))
+    out = model(**batch)
+    m = task.metrics(out, batch)
+    assert m and all(torch.is_tensor(v) and v.dim() == 0 for v in m.values())
+    host = train.to_host(m)
+    for line in (task.describe(), task.line(host)):
+        assert isinstance(line, str) and line and "\n" not in line
+    json.dumps(task.summary(host))
+    assert set(data.setting_keys(name)) <= set(train.DEFAULTS)
 
 
-def test_srcd_shared_keys_draws_the_pool_from_one_key_space():
-    """By default the pool is the first block of key ids (so earlier runs repeat); with
-    srcd_shared_keys it is a random subset of the same key space and the novel keys are the rest,
-    so key ids below or above any threshold are a mix of both."""
-    plain, shared = srcd(), srcd(srcd_shared_keys=True)
-    space = np.arange(plain.key0, plain.value0)
-    assert (plain.pool_keys == space[:plain.pool]).all()
-    for task in (plain, shared):
-        assert sorted([*task.pool_keys, *task.novel_key_ids]) == list(space)
-        assert task.in_pool.sum() == task.pool and task.in_pool[task.pool_keys].all()
-    low = space[:len(space) // 2]
-    assert plain.in_pool[low].mean() == plain.pool / len(low)                      # the pool fills the low ids
-    assert abs(shared.in_pool[low].mean() - shared.pool / len(space)) < 0.1        # spread evenly
-
-
-def test_at_init_a_query_attends_to_the_binding_of_its_key():
-    """Zero biases and tied W_q = W_k at init: before any training, a query already puts several
-    times the uniform weight 1/(t+1) on the binding of its key, so retrieval learns from step 0.
-    With PyTorch's default biases, a constant vector 10x the embeddings drowned the keys and the
-    weight was uniform (ratio 1.0); untied, the ratio is 1.1; the fix measures 3 to 4."""
-    task = srcd(srcd_len=256)
-    batch = task.batch(4, np.random.default_rng(0))
-    torch.manual_seed(0)
-    model = CRAM(CramConfig(vocab_size=task.vocab_size, n_cont=2, n_pred=1))
-    block, (B, T, _), H = model.blocks[0], batch["tokens"].shape, model.cfg.n_head
-    with torch.no_grad():
-        x = model.tok_emb(batch["tokens"]).sum(2) + model.cont_proj(batch["cont"])
-        u = block.ln2(x + block.wm(block.ln1(x), batch["dtau"]))
-        q = block.episodic.q_proj(u).view(B, T, H, -1).transpose(1, 2)                 # (B, H, T, D)
-        k = block.episodic.kv_proj(u).view(B, T, 2, H, -1)[:, :, 0].transpose(1, 2)
-        s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-        p = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), -math.inf).softmax(-1).mean(1)
-    keys, ratio = batch["tokens"][..., 0], []
-    for b, t in (batch["targets"] >= 0).nonzero().tolist():
-        bound = ((keys[b, :t] == keys[b, t]) & (batch["tokens"][b, :t, 1] != task.QUERY)).nonzero()
-        ratio.append(float(p[b, t, bound[0, 0]]) * (t + 1))
-    assert np.median(ratio) > 2, np.median(ratio)
-
-
-# ---- train.py ----------------------------------------------------------------------------------
-
-TINY_RUN = ["--srcd_len=48", "--batch_size=4", "--n_embd=16", "--n_head=2", "--eval_batches=1",
-            "--srcd_pool=10", "--srcd_novel_keys=20", "--srcd_values=8", "--log_interval=2",
-            "--eval_interval=4", "--threads=1"]
-
+# ---- train.py: a run, its resume, its refusals --------------------------------------------------
 
 def test_short_training_lowers_the_loss(tmp_path):
     summary = train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--max_iters=60", "--log_interval=10", "--attn_warmup=20",
                                      "--eval_interval=20", "--srcd_len=64", "--srcd_query=0.1"])
-    rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     train_loss = [r["loss"] for r in rows if r["kind"] == "train"]
     assert train_loss[-1] < 0.8 * train_loss[0], train_loss
     assert summary["steps"] == 60 and 0 <= summary["attn_frac"] <= 1
@@ -855,6 +1183,7 @@ def test_short_training_lowers_the_loss(tmp_path):
                 "steps", "wall_seconds", "config"):
         assert key in json.load(open(tmp_path / "summary.json"))
     assert (tmp_path / "curves.png").stat().st_size > 20_000  # the run's plot (data.SRCD.plot)
+
 
 
 def test_resume_equals_uninterrupted_run_bit_for_bit(tmp_path):
@@ -873,8 +1202,8 @@ def test_resume_equals_uninterrupted_run_bit_for_bit(tmp_path):
     assert ca["step"] == cb["step"] == 8
     for name, t in ca["model"].items():
         assert torch.equal(t, cb["model"][name]), name
-    la = [json.loads(l) for l in open(a / "metrics.jsonl")]
-    lb = [json.loads(l) for l in open(b / "metrics.jsonl")]
+    la = [json.loads(line) for line in open(a / "metrics.jsonl")]
+    lb = [json.loads(line) for line in open(b / "metrics.jsonl")]
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("ms", "tok_s")} for r in rows]
     assert strip(la) == strip(lb)
     evals = {r["step"]: r["attn_frac"] for r in la if r["kind"] == "eval"}
@@ -882,6 +1211,39 @@ def test_resume_equals_uninterrupted_run_bit_for_bit(tmp_path):
     no_wall = lambda s: {k: v for k, v in s.items() if k != "wall_seconds"}
     assert no_wall(sa) == no_wall(sb)
     assert no_wall(json.load(open(a / "summary.json"))) == no_wall(json.load(open(b / "summary.json")))
+
+
+
+@pytest.mark.parametrize("dataset", ["srcd", "mqar", "tokens"])
+def test_resume_with_the_folder_alone_equals_the_uninterrupted_run(dataset, token_dir, tmp_path):
+    """Run settings far from the defaults (schedule, batch, seed, intervals, data); the resume names
+    only the folder and must continue that run, not one with default settings."""
+    base = dict(srcd=TINY_RUN, mqar=MQAR_RUN, tokens=TOKEN_RUN + [f"--data_dir={token_dir}"])[dataset]
+    run = base + ["--max_iters=9", "--ckpt_interval=3", "--seed=7", "--learning_rate=2e-3", "--warmup_iters=2",
+                  "--min_lr=1e-4", "--batch_size=3"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    train.main(run + [f"--out_dir={a}"])
+    assert train.main(run + [f"--out_dir={b}", "--stop_iter=5"]) is None
+    assert train.main([f"--out_dir={b}", "--resume"])["steps"] == 9
+    same_run(a, b)
+
+
+
+@pytest.mark.parametrize("flag", ["--seed=1", "--batch_size=8", "--learning_rate=1e6", "--srcd_len=64",
+                                  "--eval_interval=2", "--max_iters=4", "--dataset=mqar", "--w_compute=0.1"])
+def test_resume_refuses_a_flag_that_contradicts_the_checkpoint(flag, tmp_path):
+    train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--max_iters=6", "--stop_iter=3"])
+    with pytest.raises(ConfigError) as e:
+        train.main([f"--out_dir={tmp_path}", "--resume", flag])
+    assert str(e.value).startswith(flag.split("=")[0]) and "\n" not in str(e.value), str(e.value)
+
+
+
+def test_resume_may_extend_a_run_and_change_where_it_runs(tmp_path):
+    train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--max_iters=4"])
+    s = train.main([f"--out_dir={tmp_path}", "--resume", "--max_iters=6", "--threads=1", "--device=cpu"])
+    assert s["steps"] == 6 and s["config"]["run"]["max_iters"] == 6 and s["config"]["run"]["srcd_len"] == 48
+
 
 
 def test_resume_takes_a_model_setting_the_checkpoint_lacks_at_its_default(tmp_path):
@@ -895,6 +1257,58 @@ def test_resume_takes_a_model_setting_the_checkpoint_lacks_at_its_default(tmp_pa
     with pytest.raises(ConfigError, match="--emb_std=1.0 differs"):
         train.main(run + ["--resume", "--emb_std=1.0"])
     assert train.main(run + ["--resume", f"--emb_std={CramConfig.emb_std}"])["steps"] == 4
+
+
+
+def test_a_torn_metrics_line_does_not_block_a_resume(tmp_path):
+    """A crash mid-write leaves half a record at the end of metrics.jsonl: the resume drops it."""
+    run = TINY_RUN + ["--max_iters=8", "--ckpt_interval=3"]
+    train.main(run + [f"--out_dir={tmp_path / 'a'}"])
+    b = tmp_path / "b"
+    train.main(run + [f"--out_dir={b}", "--stop_iter=4"])
+    with open(b / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "step": 5, "lo')
+    train.main([f"--out_dir={b}", "--resume"])
+    same_run(tmp_path / "a", b)
+
+
+
+@pytest.mark.parametrize("target", ["metrics", "checkpoint"])
+def test_a_failed_write_stops_in_one_line_and_the_run_resumes(target, tmp_path, monkeypatch):
+    """The disk fills at step 5 (a metrics record, or the checkpoint): the run stops in one line
+    that names the intact checkpoint and the command that continues; after space is freed, that
+    command finishes the run as if nothing happened."""
+    run = TINY_RUN + ["--max_iters=8", "--ckpt_interval=3", "--log_interval=1"]
+    train.main(run + [f"--out_dir={tmp_path / 'a'}"])
+    b = tmp_path / "b"
+    full = OSError(errno.ENOSPC, "No space left on device")
+    if target == "metrics":
+        real = train.RunLog.append
+
+        def append(self, path, text):
+            if path.endswith("metrics.jsonl") and '"step": 5' in text:
+                real(self, path, text[:9])  # half a record reaches the disk
+                raise train.WriteError(path, full)
+            real(self, path, text)
+        monkeypatch.setattr(train.RunLog, "append", append)
+    else:
+        real = torch.save
+
+        def save(obj, path, *a, **kw):
+            if obj["step"] == 6:
+                open(path, "wb").write(b"half")
+                raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+            real(obj, path, *a, **kw)
+        monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(train.TrainingError) as e:
+        train.main(run + [f"--out_dir={b}"])
+    msg = str(e.value)
+    assert "\n" not in msg and "failed" in msg and "checkpoint of step 3 is intact" in msg, msg
+    assert f"python train.py --out_dir={b} --resume" in msg and not (b / "ckpt.pt.tmp").exists()
+    monkeypatch.undo()
+    train.main([f"--out_dir={b}", "--resume"])
+    same_run(tmp_path / "a", b)
+
 
 
 def test_notebook_runs_continue_an_interrupted_run(tmp_path):
@@ -919,12 +1333,103 @@ def test_notebook_runs_continue_an_interrupted_run(tmp_path):
     assert done == json.load(open(tmp_path / "b" / "summary.json")) and open(tmp_path / "b" / "log.txt").read() == log
 
 
+
+@pytest.mark.parametrize("present", [["summary.json"], ["metrics.jsonl", "log.txt"], ["curves.png"]])
+def test_a_fresh_run_never_replaces_a_run_without_overwrite(present, tmp_path):
+    for name in present:
+        (tmp_path / name).write_text("kept")
+    with pytest.raises(ConfigError, match="pass --overwrite"):
+        train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--max_iters=2"])
+    assert all((tmp_path / n).read_text() == "kept" for n in present)
+    train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--max_iters=2", "--overwrite"])
+    assert "kept" not in (tmp_path / "log.txt").read_text()
+
+
+
+def test_a_fresh_run_never_deletes_files_that_are_not_a_runs(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "log.txt").write_text("old")
+    with pytest.raises(ConfigError, match="not a train.py run's"):
+        train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--max_iters=2", "--overwrite"])
+    assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "log.txt").read_text() == "old"
+
+
+
+def test_overwrite_leaves_nothing_of_the_replaced_run(tmp_path, monkeypatch):
+    train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--max_iters=2"])
+    assert (tmp_path / "summary.json").exists()
+    train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--max_iters=4", "--stop_iter=1", "--overwrite"])
+    assert not (tmp_path / "summary.json").exists()  # a reader must not take it for the new run's
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows) <= 1
+    # a replacing run that stops before its first checkpoint leaves none of the old run's, which
+    # --resume (or the notebooks) would otherwise continue beside the new run's metrics
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *args, **kwargs: torch.tensor(math.nan))
+    with pytest.raises(train.TrainingError):
+        train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--max_iters=4", "--overwrite"])
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+
+def test_checkpoint_errors_and_no_lost_work(tmp_path):
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--resume=True"])
+    train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--max_iters=2"])
+    with pytest.raises(ConfigError, match="exists: pass --resume to continue"):
+        train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--max_iters=2"])
+    with pytest.raises(ConfigError, match="differs from the checkpoint"):
+        train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--n_embd=32", "--resume=True"])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="not a writable folder"):
+        train.main(TINY_RUN + [f"--out_dir={tmp_path / 'file'}"])
+    (tmp_path / "ckpt.pt").write_bytes(b"torn")
+    with pytest.raises(ConfigError, match="unreadable"):
+        train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--resume=True"])
+
+
+
+class Payload:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+
+def test_a_checkpoint_that_carries_code_is_refused_before_it_runs(tmp_path):
+    train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--max_iters=2"])
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    ckpt["run"]["extra"] = Payload(tmp_path / "ran")
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    r = subprocess.run([sys.executable, "sample.py", f"--out_dir={tmp_path}", "--max_new_tokens=2"],
+                       capture_output=True, text=True, cwd=ROOT)
+    with pytest.raises(ConfigError, match="holds more than data"):
+        train.main([f"--out_dir={tmp_path}", "--resume"])
+    assert not (tmp_path / "ran").exists() and r.returncode != 0
+    pickle.dumps(Payload("x"))  # the payload itself is a working one: loaded unsafely, it runs
+    torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert (tmp_path / "ran").exists()
+
+
+
+def test_a_checkpoint_with_flipped_bytes_is_refused(tmp_path):
+    train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--max_iters=2", "--stop_iter=1"])
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    ckpt["model"]["lm_head.weight"][0, 0] += 1.0  # what a flipped byte in the tensor data does
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    with pytest.raises(ConfigError, match="corrupt"):
+        train.main([f"--out_dir={tmp_path}", "--resume"])
+
+
+
 def test_model_input_that_does_not_fit_the_settings_is_one_line(tmp_path):
     """Position embeddings shorter than the sequence: train.py stops with one line, no traceback."""
     r = subprocess.run([sys.executable, "train.py", *TINY_RUN, "--wm_kind=none", "--n_positions=40",
                         f"--out_dir={tmp_path}"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0, r.stderr[-1000:]
     assert r.stderr.startswith("error: CRAM.forward: 48 tokens") and "n_positions=40" in r.stderr
+
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -954,6 +1459,7 @@ def test_bad_settings_raise_one_clear_error(tmp_path, argv, words):
     assert words in str(e.value) and "\n" not in str(e.value)
 
 
+
 def test_bad_config_values_raise_config_error():
     for kw, words in [(dict(n_head=0), "n_head"), (dict(n_embd="64"), "expected int"),
                       (dict(penalty_q=1), "expected bool"), (dict(sem_rank=-1), "sem_rank"),
@@ -962,35 +1468,132 @@ def test_bad_config_values_raise_config_error():
             CramConfig(**kw)
 
 
-def test_checkpoint_errors_and_no_lost_work(tmp_path):
-    with pytest.raises(ConfigError, match="no checkpoint"):
-        train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--resume=True"])
-    train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--max_iters=2"])
-    with pytest.raises(ConfigError, match="exists: pass --resume to continue"):
-        train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--max_iters=2"])
-    with pytest.raises(ConfigError, match="differs from the checkpoint"):
-        train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--n_embd=32", "--resume=True"])
-    (tmp_path / "file").write_text("")
-    with pytest.raises(ConfigError, match="not a writable folder"):
-        train.main(TINY_RUN + [f"--out_dir={tmp_path / 'file'}"])
-    (tmp_path / "ckpt.pt").write_bytes(b"torn")
-    with pytest.raises(ConfigError, match="unreadable"):
-        train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--resume=True"])
+
+def bad_token_dir(tmp_path, token_dir, what):
+    """A copy of the prepared corpus broken one way."""
+    d = tmp_path / f"data_{what}"
+    d.mkdir()
+    for name in ("train.bin", "val.bin", "meta.json"):
+        (d / name).write_bytes((token_dir / name).read_bytes())
+    if what == "empty":
+        (d / "train.bin").write_bytes(b"")
+    elif what == "odd":
+        (d / "train.bin").write_bytes((token_dir / "train.bin").read_bytes()[:-1])
+    elif what == "meta":
+        (d / "meta.json").write_text('{"vocab_')
+    elif what == "vocab":
+        meta = json.loads((token_dir / "meta.json").read_text())
+        (d / "meta.json").write_text(json.dumps({**meta, "vocab_size": 100}))
+    return d
 
 
-def test_overwrite_leaves_nothing_of_the_replaced_run(tmp_path, monkeypatch):
-    train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--max_iters=2"])
-    assert (tmp_path / "summary.json").exists()
-    train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--max_iters=4", "--stop_iter=1", "--overwrite"])
-    assert not (tmp_path / "summary.json").exists()  # a reader must not take it for the new run's
-    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert max(r["step"] for r in rows) <= 1
-    # a replacing run that stops before its first checkpoint leaves none of the old run's, which
-    # --resume (or the notebooks) would otherwise continue beside the new run's metrics
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *args, **kwargs: torch.tensor(math.nan))
-    with pytest.raises(train.TrainingError):
-        train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--max_iters=4", "--overwrite"])
-    assert not (tmp_path / "ckpt.pt").exists()
+
+@pytest.mark.parametrize("argv, words", [
+    (["--learning_rate=-1"], "--learning_rate=-1.0: expected >= 0"),
+    (["--grad_clip=-1"], "--grad_clip=-1.0: expected >= 0"),
+    (["--warmup_iters=0", "--min_lr=-0.01"], "--min_lr=-0.01: expected in [0, learning_rate"),
+    (["--min_lr=0.1"], "--min_lr=0.1: expected in [0, learning_rate"),
+    (["--weight_decay=-1"], "--weight_decay=-1.0: expected >= 0"),
+    (["--warmup_iters=-5"], "--warmup_iters=-5: expected >= 0"),
+    (["--threads=-1"], "--threads=-1: expected >= 0"),
+    (["--learning_rate=nan"], "--learning_rate=nan"),
+    (["--device=mps"], "--device=mps"),
+    (["--device=cuda:7"], "--device=cuda:7"),
+    (["--attn_impl=kernel"], "--attn_impl=kernel runs on CUDA"),
+    (["--dataset=tokens", "--data_len=0"], "--data_len=0: expected a positive int"),
+    (["--dataset=tokens", "--data_len=-5"], "--data_len=-5: expected a positive int"),
+    (["--dataset=tokens", "--data_dir=DATA_empty"], "fewer than one sequence"),
+    (["--dataset=tokens", "--data_dir=DATA_odd"], "odd size"),
+    (["--dataset=tokens", "--data_dir=DATA_meta"], "meta.json is unreadable"),
+    (["--dataset=tokens", "--data_dir=DATA_vocab"], "but meta.json's vocab_size is 100"),
+    (["CONFIG_random"], "is not a settings file"),
+])
+def test_every_bad_input_is_one_line_before_anything_is_removed(argv, words, token_dir, tmp_path, monkeypatch):
+    """A run already in the folder and --overwrite: a refusal must come before the old run is
+    touched (and from main, before any training)."""
+    if argv == ["--device=mps"] and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    out = tmp_path / "run"
+    train.main(TINY_RUN + [f"--out_dir={out}", "--max_iters=2"])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (tmp_path / "random.py").write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8)))
+    fix = {"DATA_" + w: str(bad_token_dir(tmp_path, token_dir, w)) for w in ("empty", "odd", "meta", "vocab")}
+    fix["CONFIG_random"] = str(tmp_path / "random.py")
+    argv = [a.split("=")[0] + "=" + fix[a.split("=")[1]] if "=" in a and a.split("=")[1] in fix else fix.get(a, a)
+            for a in argv]
+    tokens = ["--data_len=8"] if "--dataset=tokens" in argv and not any("data_len" in a for a in argv) else []
+    files = [a for a in argv if a.endswith(".py")]
+    with pytest.raises(ConfigError) as e:
+        train.main(files + TINY_RUN + [a for a in argv if a not in files] + tokens +
+                   [f"--out_dir={out}", "--max_iters=2", "--overwrite", "--batch_size=2"])
+    assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+
+KEYS = sorted(train.DEFAULTS) + sorted(train.MODEL_KEYS) + ["resume", "nope", "", "=", "x y"]
+
+
+
+VALUES = st.one_of(st.integers(-10 ** 6, 10 ** 6), st.floats(allow_nan=True, allow_infinity=True), st.booleans(),
+                   st.text(max_size=12), st.sampled_from(["1e400", "None", "[1]", "{}", "'a'", "(", "0x10", "-0"]))
+
+
+
+ARG = st.one_of(st.tuples(st.sampled_from(KEYS), VALUES).map(lambda kv: f"--{kv[0]}={kv[1]}"),
+                st.sampled_from(KEYS).map(lambda k: f"--{k}"), st.text(max_size=8))
+
+
+
+@settings(max_examples=150)
+@given(st.lists(ARG, max_size=5))
+def test_any_command_line_starts_or_is_refused_in_one_line(argv):
+    """Parsing and checking only (train.settings, then the configs it implies): either the
+    settings hold, or one ConfigError line; never another exception."""
+    try:
+        parsed = train.settings([a for a in argv if a not in ("-h", "--help")] + ["--out_dir=/nonexistent/x"])
+        run, model_over, _ = parsed
+        CramConfig(**model_over)
+        data.make(run) if run["dataset"] != "tokens" else None
+    except ConfigError as e:
+        assert "\n" not in str(e) and str(e), str(e)
+
+
+
+def test_command_line_error_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "train.py", "--max_iters=x", f"--out_dir={tmp_path}"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:")
+
+
+
+def test_help_lists_every_setting_with_its_meaning():
+    r = subprocess.run([sys.executable, "train.py", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    lines = {line.split("=")[0].strip(): line for line in r.stdout.splitlines() if line.strip().startswith("--")}
+    for key in list(train.DEFAULTS) + list(train.MODEL_KEYS):
+        assert f"--{key}" in lines, key
+        default, _, meaning = lines[f"--{key}"].strip().partition(" ")
+        assert len(meaning.strip()) > 8, f"--{key} has no meaning: {lines[f'--{key}']!r}"
+    assert subprocess.run([sys.executable, "train.py", "-h"], capture_output=True, cwd=ROOT).returncode == 0
+
+
+
+def test_bare_flag_sets_a_bool():
+    run, model = train.parse_args(["--resume", "--max_iters=3", "--penalty_q", "False", "--overwrite"])
+    assert run["resume"] is True and run["overwrite"] is True and run["max_iters"] == 3
+    assert model == {"penalty_q": False}
+
+
+
+def test_the_window_defaults_to_the_sequence_and_a_shorter_one_is_said(tmp_path, capsys):
+    s = train.main(TINY_RUN + [f"--out_dir={tmp_path / 'a'}", "--max_iters=1", "--srcd_len=80"])
+    assert s["config"]["model"]["window"] == 80
+    train.main(TINY_RUN + [f"--out_dir={tmp_path / 'b'}", "--max_iters=1", "--window=32"])
+    assert "note: window 32 < sequence length 48" in (tmp_path / "b" / "log.txt").read_text()
+    assert CramConfig().window == 512 == data.SRCD().len  # the SRCD default run keeps its window
+
 
 
 def test_init_from_a_run_with_frozen_parts(tmp_path):
@@ -1008,33 +1611,14 @@ def test_init_from_a_run_with_frozen_parts(tmp_path):
         train.main(TINY_RUN + [f"--out_dir={tmp_path / 'y'}", f"--init_from={tmp_path / 'src'}", "--srcd_values=9"])
 
 
-def test_srcd_pool_new_changes_exactly_those_bindings():
-    old, new = srcd(), srcd(srcd_pool_new=50)
-    assert (old.pool_values[:50] != new.pool_values[:50]).all() and (old.pool_values[50:] == new.pool_values[50:]).all()
-    assert (old.pool_keys == new.pool_keys).all()
 
+def test_init_from_a_run_of_another_width_is_one_line(tmp_path):
+    train.main(TINY_RUN + [f"--out_dir={tmp_path / 'src'}", "--max_iters=2"])
+    with pytest.raises(ConfigError) as e:
+        train.main(TINY_RUN + [f"--out_dir={tmp_path / 'new'}", "--max_iters=2", f"--init_from={tmp_path / 'src'}",
+                               "--n_embd=32"])
+    assert "its weights do not fit this model (--n_embd=32)" in str(e.value) and "\n" not in str(e.value)
 
-def test_command_line_error_is_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "train.py", "--max_iters=x", f"--out_dir={tmp_path}"],
-                       capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:")
-
-
-def test_help_lists_every_setting_with_its_meaning():
-    r = subprocess.run([sys.executable, "train.py", "--help"], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 0, r.stderr
-    lines = {l.split("=")[0].strip(): l for l in r.stdout.splitlines() if l.strip().startswith("--")}
-    for key in list(train.DEFAULTS) + list(train.MODEL_KEYS):
-        assert f"--{key}" in lines, key
-        default, _, meaning = lines[f"--{key}"].strip().partition(" ")
-        assert len(meaning.strip()) > 8, f"--{key} has no meaning: {lines[f'--{key}']!r}"
-    assert subprocess.run([sys.executable, "train.py", "-h"], capture_output=True, cwd=ROOT).returncode == 0
-
-
-def test_bare_flag_sets_a_bool():
-    run, model = train.parse_args(["--resume", "--max_iters=3", "--penalty_q", "False", "--overwrite"])
-    assert run["resume"] is True and run["overwrite"] is True and run["max_iters"] == 3
-    assert model == {"penalty_q": False}
 
 
 def test_nonfinite_loss_stops_in_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
@@ -1059,6 +1643,7 @@ def test_nonfinite_loss_stops_in_one_line_and_keeps_the_last_checkpoint(tmp_path
     assert ckpt["step"] == 3 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
 
+
 def test_nonfinite_gradient_stops_the_run_too(tmp_path, monkeypatch):
     """A finite loss with a non-finite gradient (seen as its norm) would write NaN weights: the
     step that made them is named and no checkpoint holds them."""
@@ -1073,26 +1658,15 @@ def test_nonfinite_gradient_stops_the_run_too(tmp_path, monkeypatch):
         train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--max_iters=20", "--ckpt_interval=3"])
 
 
-@pytest.mark.parametrize("name", list(data.DATASETS))
-def test_dataset_interface(name, token_dir):
-    """What train.py asks of every dataset: model sizes, batches of CRAM.forward's arguments decided
-    by the rng alone, metrics as 0-dim tensors, one-line descriptions, a JSON summary, flags."""
-    task = data.make(dict(train.DEFAULTS, dataset=name, data_dir=str(token_dir)))
-    assert all(type(getattr(task, k)) is int for k in ("vocab_size", "n_cont", "n_pred"))
-    batch = task.batch(3, np.random.default_rng(0), "cpu")
-    again = task.batch(3, np.random.default_rng(0), "cpu")
-    assert batch.keys() == again.keys() and all(torch.equal(batch[k], again[k]) for k in batch)
-    assert set(batch) <= set(inspect.signature(CRAM.forward).parameters) and "tokens" in batch
-    model = CRAM(CramConfig(vocab_size=task.vocab_size, n_cont=task.n_cont, n_pred=task.n_pred,
-                            n_embd=16, n_head=2))
-    out = model(**batch)
-    m = task.metrics(out, batch)
-    assert m and all(torch.is_tensor(v) and v.dim() == 0 for v in m.values())
-    host = train.to_host(m)
-    for line in (task.describe(), task.line(host)):
-        assert isinstance(line, str) and line and "\n" not in line
-    json.dumps(task.summary(host))
-    assert set(data.setting_keys(name)) <= set(train.DEFAULTS)
+
+def test_the_learning_rate_schedule_warms_up_then_follows_the_cosine():
+    c = train.SimpleNamespace(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
+    lr = [train.get_lr(c, it) for it in range(111)]
+    assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0)  # (it + 1) / warmup
+    assert lr[10] == pytest.approx(1.0) and lr[60] == pytest.approx(0.55) and lr[110] == pytest.approx(0.1)
+    assert lr[35] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 4)))
+    assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
+
 
 
 def test_bf16_autocast_training_runs(tmp_path):
@@ -1103,34 +1677,7 @@ def test_bf16_autocast_training_runs(tmp_path):
     assert summary and math.isfinite(summary["dynamics_mse"]) and math.isfinite(summary["retrieval_acc"])
 
 
-# ---- language modelling: prepare, token files, torchrun, sampling (data.py, train.py, sample.py) ----
-
-WORDS = "the cat sat on a mat while dogs ran far from home and birds sang old songs".split()
-
-
-def write_corpus(folder, n_files=4, lines=200, seed=0):
-    """Small text files of random words: the corpus every test below prepares."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    texts = []
-    for i in range(n_files):
-        texts.append("\n".join(" ".join(rng.choice(WORDS, 10)) for _ in range(lines)) + f" é{i}")
-        (folder / f"doc{i}.txt").write_text(texts[-1], encoding="utf-8")
-    return texts
-
-
-@pytest.fixture(scope="session")
-def token_dir(tmp_path_factory):
-    """A corpus prepared once by the real preparation code, one token per byte (no download)."""
-    root = tmp_path_factory.mktemp("corpus")
-    write_corpus(root / "text")
-    data.prepare(str(root / "text" / "*.txt"), str(root / "tokens"), encoding="bytes")
-    return root / "tokens"
-
-
-TOKEN_RUN = ["--dataset=openwebtext", "--data_len=32", "--batch_size=4", "--n_embd=16", "--n_head=2",
-             "--eval_batches=1", "--log_interval=2", "--eval_interval=4", "--threads=1"]
-
+# ---- language modelling: prepare, token files, torchrun, sampling (data.py, train.py, sample.py)
 
 def test_prepare_keeps_every_token_in_order(tmp_path):
     texts = write_corpus(tmp_path / "text")
@@ -1143,15 +1690,17 @@ def test_prepare_keeps_every_token_in_order(tmp_path):
     assert enc.decode(got[:len(enc.encode_ordinary(texts[0]))].tolist()) == texts[0]
 
 
+
 def test_openwebtext_is_split_by_document(tmp_path, monkeypatch):
     docs = [" ".join(WORDS[:1 + i % 7]) for i in range(400)]
-    monkeypatch.setattr(data, "read_documents", lambda source: (iter(docs), len(docs), 0.0005))
+    monkeypatch.setattr(data, "read_documents", lambda source: (iter(docs), len(docs), 0.0005, []))
     meta = data.prepare("openwebtext", str(tmp_path), encoding="bytes", val_fraction=0.1)
     val = np.fromfile(tmp_path / "val.bin", np.uint16)
     train_ids = np.fromfile(tmp_path / "train.bin", np.uint16)
     n_val = int((val == 256).sum())
     assert 20 <= n_val <= 60 and (train_ids == 256).sum() + n_val == 400  # about 10% of the documents
     assert val[-1] == 256 and meta["val_tokens"] == len(val)
+
 
 
 def test_preparation_errors_are_one_line(tmp_path, monkeypatch):
@@ -1170,6 +1719,29 @@ def test_preparation_errors_are_one_line(tmp_path, monkeypatch):
         train.main(TOKEN_RUN + [f"--data_dir={tmp_path / 'missing'}", f"--out_dir={tmp_path / 'run'}"])
 
 
+
+def test_preparation_refuses_empty_text_and_unwritable_folders(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ConfigError, match="too little text"):
+        data.prepare(str(tmp_path / "empty.txt"), str(tmp_path / "out"), encoding="bytes")
+    assert not (tmp_path / "out" / "train.bin").exists()
+    (tmp_path / "a.txt").write_text("some text " * 50)
+    with pytest.raises(ConfigError, match="cannot write there"):
+        data.prepare(str(tmp_path / "a.txt"), "/proc/nope", encoding="bytes")
+    (tmp_path / "b.bin").write_bytes(bytes(range(256)) * 4)
+    data.prepare(str(tmp_path / "b.bin"), str(tmp_path / "out"), encoding="bytes")
+    assert "not UTF-8 text" in capsys.readouterr().err
+
+
+
+def test_stdlib_source_is_the_interpreters_library_without_its_tests():
+    files = [os.path.relpath(p, data.sysconfig.get_paths()["stdlib"]) for p in data.stdlib_files()]
+    assert "json/__init__.py" in files and "os.py" in files and len(files) > 300
+    assert not [f for f in files if "test" in f.split("/")[:-1] or f.split("/")[-1].startswith("test_")
+                or "site-packages" in f]
+
+
+
 def test_token_batches_read_their_split(tmp_path):
     (tmp_path / "train.bin").write_bytes(np.full(500, 7, np.uint16).tobytes())
     (tmp_path / "val.bin").write_bytes(np.arange(500, dtype=np.uint16).tobytes())
@@ -1186,6 +1758,7 @@ def test_token_batches_read_their_split(tmp_path):
         data.TokenFile(dir=str(tmp_path), len=500)
 
 
+
 def test_language_model_trains_on_token_files(token_dir, tmp_path):
     summary = train.main(TOKEN_RUN + [f"--data_dir={token_dir}", f"--out_dir={tmp_path}", "--max_iters=40",
                                       "--eval_interval=20", "--learning_rate=1e-2"])
@@ -1193,6 +1766,7 @@ def test_language_model_trains_on_token_files(token_dir, tmp_path):
     assert evals[-1]["ce"] < evals[0]["ce"] - 1.0, [r["ce"] for r in evals]  # from ln 257 = 5.5
     assert summary["val_loss"] == evals[-1]["ce"] and set(summary["attn_per_layer"]) == {"L0", "L1"}
     assert (tmp_path / "curves.png").exists()
+
 
 
 def test_config_file_then_flags(tmp_path):
@@ -1208,6 +1782,7 @@ def test_config_file_then_flags(tmp_path):
         train.parse_args([os.path.join(ROOT, path)])  # the shipped configs parse
 
 
+
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     """Two micro-batches of 4 give the weights of one batch of 8: SRCD draws sequence by sequence,
     every sequence has as many queries, and router_mode=always draws no noise."""
@@ -1215,6 +1790,7 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     train.main(run + [f"--out_dir={tmp_path / 'a'}", "--batch_size=4", "--gradient_accumulation_steps=2"])
     train.main(run + [f"--out_dir={tmp_path / 'b'}", "--batch_size=8"])
     assert_same_training(tmp_path / "a", tmp_path / "b")
+
 
 
 def assert_same_training(path_a, path_b):
@@ -1229,6 +1805,7 @@ def assert_same_training(path_a, path_b):
     assert moments and all(torch.allclose(x, y, rtol=1e-4, atol=1e-8) for x, y in moments)
 
 
+
 def torchrun(args, n=2):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
                         "train.py", *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
@@ -1236,6 +1813,7 @@ def torchrun(args, n=2):
     clues = [line for line in r.stderr.splitlines() if re.search(r"terminate|what\(\)|Error|abort|Traceback", line)]
     assert r.returncode == 0, "\n".join(clues[:20]) + "\n...\n" + r.stderr[-1500:]
     return r.stdout
+
 
 
 def test_torchrun_two_ranks_equal_one_process_and_resume(token_dir, tmp_path):
@@ -1253,6 +1831,7 @@ def test_torchrun_two_ranks_equal_one_process_and_resume(token_dir, tmp_path):
     assert summary["steps"] == 4
 
 
+
 def test_torchrun_errors_name_the_fix(tmp_path):
     env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29999")
     for flags, words in ((["--backend=nccl", "--device=cpu"], "use --backend=gloo"),
@@ -1260,6 +1839,7 @@ def test_torchrun_errors_name_the_fix(tmp_path):
         r = subprocess.run([sys.executable, "train.py", *flags, f"--out_dir={tmp_path}"],
                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
         assert r.returncode != 0 and words in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
 
 
 def test_sample_from_a_language_model_run(token_dir, tmp_path):
@@ -1279,6 +1859,8 @@ def test_sample_from_a_language_model_run(token_dir, tmp_path):
         sample.main([f"--out_dir={other}"])
 
 
+# ---- probe.py -----------------------------------------------------------------------------------
+
 class FakeAttention(torch.nn.Module):
     """An "attention" whose output is u W plus noise: what a probe should and should not explain."""
 
@@ -1290,6 +1872,7 @@ class FakeAttention(torch.nn.Module):
         return u @ self.W + self.noise * torch.randn(*u.shape[:-1], self.W.shape[1], dtype=u.dtype)
 
 
+
 class FakeModel(torch.nn.Module):
     def __init__(self, W, noise):
         super().__init__()
@@ -1298,6 +1881,7 @@ class FakeModel(torch.nn.Module):
 
     def forward(self, u):
         return self.blocks[0].episodic(u)
+
 
 
 def test_probe_scores_a_linear_relation_and_noise():
@@ -1311,6 +1895,7 @@ def test_probe_scores_a_linear_relation_and_noise():
         assert s["share"] == 1.0 if noise == 0 else s["share"] < 0.9
     (s,) = probe.probe(FakeModel(0 * W, 1.0), fit_set, test_set)
     assert abs(s["r2"]) < 0.03 and s["share"] < 0.01  # nothing to predict
+
 
 
 def test_probe_reads_each_layers_attention(tmp_path):
@@ -1329,9 +1914,10 @@ def test_probe_reads_each_layers_attention(tmp_path):
     routed = CRAM(CramConfig(vocab_size=50, n_embd=16, n_head=2, attn_prior=0.34)).eval()  # E about a third
     x = torch.randint(0, 50, (2, 40))
     z = routed(x)["routing"]["z"]
-    for (U, A), z_layer in zip(next(probe.layer_io(routed, [x])), z):  # only the tokens routed to attention
-        assert len(A) == int(z_layer[..., cram.E].sum()) and np.all(np.linalg.norm(A, axis=1) > 0)
-    assert 0 < z[..., cram.E].mean() < 1
+    for (_U, A), z_layer in zip(next(probe.layer_io(routed, [x])), z):  # only the tokens routed to attention
+        assert len(A) == int(z_layer[..., cram.EPISODIC].sum()) and np.all(np.linalg.norm(A, axis=1) > 0)
+    assert 0 < z[..., cram.EPISODIC].mean() < 1
+
 
 
 def test_probe_across_kept_checkpoints(token_dir, tmp_path):
@@ -1343,6 +1929,7 @@ def test_probe_across_kept_checkpoints(token_dir, tmp_path):
     assert probe.checkpoints(str(tmp_path)) == [str(tmp_path / "ckpt.pt")]  # a fresh run drops the old ones
 
 
+
 def test_probe_on_a_transformers_gpt2():
     transformers = pytest.importorskip("transformers")  # optional: user machines with pretrained weights
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=60,
@@ -1352,14 +1939,23 @@ def test_probe_on_a_transformers_gpt2():
     assert len(layers) == 2 and all(s["tokens"] == 2 * 4 * 16 and -1 < s["r2"] <= 1 for s in layers)
 
 
-# ---- kernel.py (Triton, under the interpreter) ---------------------------------------------------
+# ---- kernel.py (Triton, under the interpreter) --------------------------------------------------
+
 #
 # Compared with its twin cram.routed_attention and with dense causal-windowed SDPA restricted to
 # the routed rows: outputs and the gradients dq, dk, dv. Every buffer the kernel must fill starts
 # as NaN, so a row or key it forgets to write fails the comparison instead of passing as zeros.
 
-if kernel is not None:
-    kernel.empty = lambda *shape, **kw: torch.full(shape, math.nan, **kw)
+def nan_filled(*shape, **kw):
+    """The kernel's alloc in these tests: every buffer it must fill starts as NaN."""
+    return torch.full(shape, math.nan, **kw)
+
+
+def kernel_attention(q, k, v, b_idx, t_idx, window, blocks=None):
+    """kernel.routed_attention on NaN-filled buffers (its alloc argument)."""
+    return kernel.routed_attention(q, k, v, b_idx, t_idx, window, blocks, alloc=nan_filled)
+
+
 # fp16 inputs, and P, dS rounded to fp16 before their matmuls as on a GPU: unit roundoff 2^-11 =
 # 4.9e-4 per element, a few of them in a relative RMS; measured ~4e-4
 FP16_TOL = 2e-3
@@ -1384,7 +1980,7 @@ def check(B, H, T, D, window, routed, seed=0, attn=None):
     q, kv, k, v = make_inputs(B, H, T, D, seed)
     b, t = routed.nonzero(as_tuple=True)
     w = torch.randn(len(b), H, D, generator=torch.Generator().manual_seed(seed + 1))
-    out = (attn or kernel.routed_attention)(q[b, :, t], k, v, b, t, window)
+    out = (attn or kernel_attention)(q[b, :, t], k, v, b, t, window)
     twin = cram.routed_attention(q[b, :, t], k, v, b, t, window)
     dense = dense_rows(q, k, v, b, t, window)
     assert out.shape == (len(b), H, D)
@@ -1414,7 +2010,7 @@ def test_kernel_canary_interpreter_computes():
     q = torch.ones(1, 1, 16)
     k = torch.ones(1, 1, 1, 16)
     v = torch.arange(1.0, 17.0).view(1, 1, 1, 16).requires_grad_()
-    out = kernel.routed_attention(q, k, v, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), 4)
+    out = kernel_attention(q, k, v, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), 4)
     assert out.abs().sum() > 0 and torch.equal(out, v.detach()[0, :, 0][None])
     do = torch.arange(16.0).view(1, 1, 16)
     (dv,) = torch.autograd.grad(out, v, do)
@@ -1429,7 +2025,7 @@ def test_kernel_poison_catches_an_unwritten_row(monkeypatch):
     q, _, k, v = make_inputs(1, 1, 40, 16, 0)
     t = torch.arange(40)
     b = torch.zeros_like(t)
-    out = kernel.routed_attention(q[b, :, t], k, v, b, t, 8)
+    out = kernel_attention(q[b, :, t], k, v, b, t, 8)
     assert torch.isnan(out[-1]).all() and torch.isfinite(out[:32]).all()
 
 
@@ -1508,7 +2104,7 @@ GPU_BLOCKS = {  # the tile sets block_sizes picks on GPUs, and one of each shape
 @pytest.mark.parametrize("blocks", GPU_BLOCKS.values(), ids=GPU_BLOCKS.keys())
 def test_kernel_gpu_block_sizes(blocks):
     """The GPU's tiles, under the interpreter, on a dense and a sparse row, window short and long."""
-    attn = lambda q, k, v, b, t, w: kernel.RoutedAttention.apply(q, k, v, b, t, w, blocks)
+    attn = lambda q, k, v, b, t, w: kernel_attention(q, k, v, b, t, w, blocks)
     routed = rows_routed(2, 150, [150, 37])
     for window in (40, 200):
         check(2, 1, 150, 16, window, routed, attn=attn)
@@ -1546,7 +2142,7 @@ def test_kernel_half(dtype, tol):
     q, kv, k, v = make_inputs(B, H, T, D, 3, dtype)
     b, t = rows_routed(B, T, [40, 11]).nonzero(as_tuple=True)
     w = torch.randn(len(b), H, D)
-    out = kernel.routed_attention(q[b, :, t], k, v, b, t, window)
+    out = kernel_attention(q[b, :, t], k, v, b, t, window)
     assert out.dtype == dtype
     g = torch.autograd.grad((out.float() * w).sum(), (q, kv))
     q32, kv32 = (x.detach().float().requires_grad_() for x in (q, kv))
@@ -1563,7 +2159,7 @@ def test_kernel_backward_is_deterministic():
     """No atomics: two backward passes agree bit for bit."""
     q, kv, k, v = make_inputs(2, 2, 50, 16, 5)
     b, t = rows_routed(2, 50, [50, 13]).nonzero(as_tuple=True)
-    out = kernel.routed_attention(q[b, :, t], k, v, b, t, 30)
+    out = kernel_attention(q[b, :, t], k, v, b, t, 30)
     w = torch.randn_like(out)
     g1 = torch.autograd.grad((out * w).sum(), (q, kv), retain_graph=True)
     g2 = torch.autograd.grad((out * w).sum(), (q, kv))
@@ -1577,7 +2173,7 @@ def test_kernel_strided_query_view():
     b, t = rows_routed(1, 30, [12]).nonzero(as_tuple=True)
     qq = torch.stack([q[b, :, t], torch.zeros_like(q[b, :, t])], 1)[:, 0]
     assert not qq.is_contiguous()
-    rel_rms(kernel.routed_attention(qq, k, v, b, t, 9), cram.routed_attention(qq, k, v, b, t, 9), "o")
+    rel_rms(kernel_attention(qq, k, v, b, t, 9), cram.routed_attention(qq, k, v, b, t, 9), "o")
 
 
 # ---- misuse: one clear line, before any launch -------------------------------------------------
@@ -1587,7 +2183,7 @@ def bad_call(**over):
     b, t = torch.tensor([0, 1]), torch.tensor([3, 2])
     args = dict(q=q[b, :, t], k=k, v=v, b_idx=b, t_idx=t, window=4)
     args.update(over)
-    return lambda: kernel.routed_attention(**args)
+    return lambda: kernel_attention(**args)
 
 
 @pytest.mark.parametrize("over,msg", [
@@ -1618,10 +2214,34 @@ def test_kernel_compiles_for_sm90_without_spills():
     assert run.stdout.count("stack 0") == 3 * 4, run.stdout  # 3 kernels x 4 cases, none spilling
 
 
-# ---- theory: the static-routing lower bound and the consolidation curve (theory/, notebooks/) ----
-# Every test here fails if the formula it checks is wrong (another bound, an off-by-one in k,
-# another exponent).
+# ---- bench.py -----------------------------------------------------------------------------------
 
+def test_memory_benchmark_times_every_form(tmp_path, capsys):
+    """bench.py --memories runs on a tiny shape: a row per memory and form, printed and written."""
+    import bench
+    rows = bench.working_memories("cpu", bench.cpu_timer(1), 2, 20)
+    assert [(r["memory"], r["form"]) for r in rows] == [(m, f) for m, _, _ in bench.MEMORY_FORMS
+                                                         for f in ("chunked", "sequential")]
+    assert all(r["ms"] > 0 for r in rows) and rows[0]["vs_gated"] == 1.0
+    assert [r["H"] for r in rows] == [s.get("n_head", 4) for _, s, _ in bench.MEMORY_FORMS for _ in range(2)]
+    bench.print_memories(rows, tmp_path / "rows.json")
+    assert len(json.load(open(tmp_path / "rows.json"))) == len(rows) and "palimpsa" in capsys.readouterr().out
+
+
+
+def test_generation_benchmark_quick(tmp_path):
+    """bench.py --generate --quick runs in seconds and writes a row per (model, context, batch)."""
+    path = tmp_path / "rows.json"
+    run = subprocess.run([sys.executable, "bench.py", "--generate", "--quick", f"--json={path}"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    rows = json.load(open(path))
+    assert {r["model"] for r in rows} >= {"cram 1/64", "dense hybrid", "transformer", "recompute"}
+    assert all(r["tokens_per_s"] > 0 and r["context"] > 0 and r["batch"] > 0 for r in rows)
+    assert "tokens/s" in run.stdout
+
+
+# ---- theory (theory/) ---------------------------------------------------------------------------
 
 @st.composite
 def families(draw, max_n=10):
@@ -1633,7 +2253,9 @@ def families(draw, max_n=10):
     return theory.make_family(n, q, m, r=r, P=3, seed=draw(st.integers(0, 2**16)))
 
 
+
 chances = st.sampled_from([0.0, 0.1, 0.25, 0.5])  # c = 0 (wrong) or guessing among 10, 4, 2 values
+
 
 
 @settings(max_examples=100)
@@ -1649,6 +2271,7 @@ def test_theory_brute_force_never_below_bound(fam, delta, c):
     assert (attn >= fam.q * (acc - c) / (1 - c) - lb.TOL).all()
 
 
+
 @settings(max_examples=60)
 @given(fam=families(), c=chances, draws=st.data())
 def test_theory_bound_is_met(fam, c, draws):
@@ -1660,11 +2283,13 @@ def test_theory_bound_is_met(fam, c, draws):
     assert abs(least - a) < 1e-9, f"least {least} ({name}) != bound {a}"
 
 
+
 DEPLOY = {  # (K keys, P in the pool, q queries, R recurring, V values): every pool draw enumerated
     "K5-P2-q2-R1-V2": (5, 2, 2, 1, 2),
     "K6-P3-q3-R2-V2": (6, 3, 3, 2, 2),
     "K6-P2-q3-R1-V3": (6, 2, 3, 1, 3),
 }
+
 
 
 @pytest.mark.parametrize("inst", DEPLOY.values(), ids=DEPLOY.keys())
@@ -1690,6 +2315,7 @@ def test_theory_deployment_no_static_scheme_beats_the_bound(inst):
             assert abs(least - j) < 1e-6, (j, least, name)
 
 
+
 @pytest.mark.parametrize("wrong", lb.WRONG_BOUNDS, ids=list(lb.WRONG_BOUNDS))
 def test_theory_deployment_brute_force_catches_wrong_bounds(wrong):
     """The brute force could catch a wrong theorem: a bound one token too strong, or one that
@@ -1697,6 +2323,7 @@ def test_theory_deployment_brute_force_catches_wrong_bounds(wrong):
     d = theory.enumerate_pool_draws(*DEPLOY["K6-P3-q3-R2-V2"], n=9)
     assert lb.deployment_violations(d, lb.WRONG_BOUNDS[wrong], 1 / d.V, tables=100), \
         f"no static scheme beats the wrong bound '{wrong}'"
+
 
 
 def test_theory_deployment_brute_force_catches_a_leaky_generator():
@@ -1708,6 +2335,7 @@ def test_theory_deployment_brute_force_catches_a_leaky_generator():
     np.put_along_axis(leaky, np.argsort(~d.recurring, axis=1, kind="stable"), np.sort(d.keys, 1), 1)
     beaten = lb.deployment_violations(dataclasses.replace(d, keys=leaky), theory.deployment_bound, tables=0)
     assert "1 largest keys" in beaten, beaten  # route the largest key: the novel query
+
 
 
 @pytest.mark.parametrize("inst", DEPLOY.values(), ids=DEPLOY.keys())
@@ -1727,12 +2355,14 @@ def test_theory_deployment_consolidating_scheme_escapes(inst):
             assert math.isclose(attn, (1 - d.r) * theory.deployment_bound(d.n, d.f, d.r, 1 - acc, c))
 
 
+
 @settings(max_examples=20)
 @given(fam=families())
 def test_theory_consolidating_scheme_pays_novel_only(fam):
     for C, expected in [((), fam.q), (range(fam.P), (fam.queries & ~fam.recurring).sum(1).mean())]:
         attn, acc = lb.evaluate(fam, theory.consolidating_route(fam, C), consolidated=C)
         assert acc == 1.0 and math.isclose(attn, expected), (C, attn, expected)
+
 
 
 @settings(max_examples=20)
@@ -1749,6 +2379,7 @@ def test_theory_simulation_matches_closed_form(P, k, q, per_token, b, r, seed):
     assert np.abs(z).max() < 5, f"max |z| = {np.abs(z).max():.2f} at steps {steps}"
 
 
+
 @settings(max_examples=10)
 @given(n=st.integers(1, 50), f=st.floats(0.05, 1.0), r=st.floats(0.0, 0.99), P=st.integers(1, 200),
        k=st.integers(1, 5), b=st.integers(1, 8), t=st.integers(0, 200))
@@ -1756,6 +2387,7 @@ def test_theory_closed_form_matches_numpy_twin(n, f, r, P, k, b, t):
     exact = theory.at(theory.closed_form(), n=n, f=f, r=r, P=P, k=k, b=b, t=t)
     twin = theory.expected_attention([t], n, f, r, theory.uniform_pool(P), k, b)[0]
     assert math.isclose(exact, twin, rel_tol=1e-9, abs_tol=1e-12), (exact, twin)
+
 
 
 def test_theory_closed_form_limit():
@@ -1766,6 +2398,7 @@ def test_theory_closed_form_limit():
     # and numerically: long after the transition the count sits at the floor
     late = theory.expected_attention([10_000], 2000, 0.05, 0.7, theory.uniform_pool(100), 10, 1)[0]
     assert math.isclose(late, 0.05 * 0.3 * 2000, rel_tol=1e-9)
+
 
 
 @pytest.mark.parametrize("n, f, r, P, b", [(20, 0.1, 0.7, 100, 4), (512, 0.05, 0.7, 100, 16), (50, 0.2, 0.3, 7, 1)])
@@ -1783,6 +2416,7 @@ def test_theory_cumulative_excess_is_finite_and_at_least_one_query_per_pattern(n
     assert sp.limit(theory.cumulative_excess() / cons.P, cons.P, sp.oo) == 1
 
 
+
 def test_theory_zipf_gamma_derivation():
     gamma, C = theory.derive_tail()
     s = next(x for x in gamma.free_symbols if x.name == "s")
@@ -1798,6 +2432,7 @@ def test_theory_zipf_gamma_derivation():
     assert np.allclose(U / theory.tail_asymptote(M, s_, k, Z), 1, atol=0.02)
 
 
+
 @settings(max_examples=15)
 @given(s=st.floats(1.5, 3.0), k=st.integers(1, 5), seed=st.integers(0, 2**16))
 def test_theory_zipf_fitted_gamma(s, k, seed):
@@ -1808,6 +2443,7 @@ def test_theory_zipf_fitted_gamma(s, k, seed):
     # 0.03: the pool's finite end bends the tail (<= 0.025 at s = 1.5 on the exact expectation)
     # plus the replicas' noise; gamma = 1/s or s - 1 would miss by more than 0.1 here
     assert abs(fitted - theory.gamma_of_s(s)) < 0.03, (fitted, theory.gamma_of_s(s))
+
 
 
 @pytest.mark.parametrize("s", [1.5, 3.0])
@@ -1835,6 +2471,14 @@ def test_theory_power_law_window_finds_the_zipf_range_and_nothing_else(s):
     assert longer[1] > 2 * M_hi and math.isclose(longer[0], M_lo, rel_tol=0.05)
 
 
+
+def test_deployment_bound_is_never_negative():
+    """Where delta exceeds what skipping can get wrong the bound is 0 attention, not negative."""
+    assert theory.lower_bound.deployment_bound(100, 0.1, 0.7, 0.5) == 0.0
+    assert theory.lower_bound.deployment_bound(100, 0.1, 0.7, 0.1) == pytest.approx((1 - 0.1 / 0.3) * 10)
+
+
+
 def test_fit_k_log_recovers_k_from_a_noisy_zipf_curve():
     """The Zipf notebook's k: from the theory's curve with 10% multiplicative noise over four
     decades of exposures, the fit lands within a grid step (a factor 1.19) of the true k."""
@@ -1846,6 +2490,8 @@ def test_fit_k_log_recovers_k_from_a_noisy_zipf_curve():
         k, lo, hi = srcd_fit.fit_k_log(M, noisy, p)
         assert lo <= k <= hi and abs(np.log(k / k_true)) < 0.2, (k, k_true)
 
+
+# ---- notebooks ----------------------------------------------------------------------------------
 
 def test_mqar_notebook_parts_keep_each_others_cells():
     """Notebook 07 called for one row, then for another (the on-request control): table.json holds
@@ -1859,6 +2505,7 @@ def test_mqar_notebook_parts_keep_each_others_cells():
                              text=True, timeout=120, env=dict(env, CRAM_MQAR_MODELS=model))
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert set(json.load(open(path))) == {"attention", "palimpsa (2 heads)"}
+
 
 
 @pytest.mark.parametrize("notebook", ["01_lower_bound.py", "02_consolidation.py", "03_srcd_curves.py",
@@ -1875,3 +2522,20 @@ def test_theory_notebook_runs(notebook):
     assert os.path.getsize(png) > 10_000  # a plot was written
     if notebook == "07_mqar.py":  # the whole table: every row but the ones run on request (hours each)
         assert "| palimpsa (2 heads) |" not in res.stdout and "| CRAM (palimpsa) |" in res.stdout
+
+
+
+def test_notebook_01_runs_as_a_notebook_through_a_jupyter_kernel(monkeypatch):
+    """What `jupyter lab` does with the percent file (jupytext reads it as a notebook), executed
+    cell by cell by a real ipykernel, in the small mode: every cell runs and its asserts hold."""
+    import jupytext
+    from nbclient import NotebookClient
+    monkeypatch.setenv("CRAM_NB_SMALL", "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    nb = jupytext.read(os.path.join(ROOT, "notebooks", "01_lower_bound.py"))
+    assert sum(c.cell_type == "code" for c in nb.cells) > 3  # read as cells, not as one script
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": os.path.join(ROOT, "notebooks")}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert any(o.output_type == "stream" for o in outputs)

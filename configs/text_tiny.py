@@ -2,7 +2,7 @@
 # byte. Prepare the data first:  python data.py prepare --source=pydoc --encoding=bytes
 #     python train.py configs/text_tiny.py                         # CRAM
 #     python train.py configs/text_tiny.py --router_mode=always    # the dense hybrid
-dataset = "openwebtext"      # the token-file dataset; the folder decides what text it is
+dataset = "tokens"           # the token-file dataset; the folder decides what text it is
 data_dir = "data/pydoc"
 data_len = 128
 out_dir = "out/text_tiny"

@@ -10,7 +10,9 @@
 # %% [markdown]
 # # 01 What routing must pay: before consolidation, and at deployment
 #
-# Two statements (DESIGN.md section 7; definitions and proofs in `theory/lower_bound.py`):
+# Two statements: the paper's theorem (arXiv 2602.12204, the abstract's Omega(f n) bound for static
+# routing), split into the form this project proves (RESULTS.md, "Theory"; definitions and proofs
+# in `theory/lower_bound.py`):
 #
 # * **Theorem 1, before anything is consolidated** (state C = {}): any scheme that answers a share
 #   1 - delta of the f n queries sends at least (1 - delta - c) / (1 - c) f n tokens to attention,
@@ -40,8 +42,8 @@ HERE = os.path.dirname(os.path.abspath(globals().get("__file__", os.path.join(os
 ROOT = HERE if os.path.isdir(os.path.join(HERE, "theory")) else os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-import theory
-from theory import lower_bound as sb
+import theory  # noqa: E402
+from theory import lower_bound as sb  # noqa: E402
 
 SMALL = os.environ.get("CRAM_NB_SMALL") == "1"
 SIZES = [(6, 2), (8, 3)] if SMALL else [(6, 2), (8, 3), (10, 4), (12, 5), (12, 6)]  # (n, q)
@@ -65,8 +67,9 @@ print(sb.__doc__)
 fam = theory.make_family(n=12, q=5, m=M_SEQS, r=0.7, P=3, seed=0)
 for s in range(min(3, M_SEQS)):
     row = []
-    for ty, key, rec in zip(fam.types[s], fam.keys[s], fam.recurring[s]):
-        row.append("." if ty == theory.SIGNAL else ("b" if ty == theory.BIND else "Q") + ("R" if rec else "N"))
+    for ty, rec in zip(fam.types[s], fam.recurring[s]):
+        kind = "b" if ty == theory.BIND else "Q"
+        row.append("." if ty == theory.SIGNAL else kind + ("R" if rec else "N"))
     print(" ".join(f"{c:>3}" for c in row))
 print(f"n={fam.n} q={fam.q} f={fam.f:.3f} measured r={fam.r:.2f}")
 
@@ -96,7 +99,8 @@ print("answer model checks pass")
 
 # %%
 rows = []
-print(f"{'n':>3} {'q':>2} {'delta':>5} {'c':>5} {'bound':>6} {'min':>6} {'schemes':>7}  attained by")
+print(f"{'n':>3} {'q':>2} {'delta':>5} {'c':>5} {'bound':>6} {'min':>6} {'schemes':>7}"
+      "  attained by")
 for n, q in SIZES:
     fam = theory.make_family(n, q, m=M_SEQS, r=0.7, P=3, seed=n + q)
     for delta in DELTAS:
@@ -104,10 +108,13 @@ for n, q in SIZES:
             bound = theory.before_consolidation_bound(n, fam.f, delta, c)
             least, name, count = theory.brute_force(fam, delta, c)
             assert least >= bound - sb.TOL, (n, q, delta, c, least, bound)  # never below the bound
-            assert least <= math.ceil(bound - sb.TOL)  # met up to rounding ("first ceil(B) queries")
+            # met up to rounding ("first ceil(B) queries")
+            assert least <= math.ceil(bound - sb.TOL)
             rows.append((n, q, delta, c, bound, least))
-            print(f"{n:>3} {q:>2} {delta:>5.2f} {c:>5.2f} {bound:>6.3f} {least:>6.3f} {count:>7}  {name}")
-print(f"{len(rows)} cases: the brute-force minimum is never below the bound and never above its ceiling")
+            print(f"{n:>3} {q:>2} {delta:>5.2f} {c:>5.2f} {bound:>6.3f} {least:>6.3f} {count:>7}"
+                  f"  {name}")
+print(f"{len(rows)} cases: the brute-force minimum is never below the bound and never above its "
+      "ceiling")
 
 # %% [markdown]
 # Static schemes pay the same at every training step; the consolidating scheme (route a query iff
@@ -166,9 +173,10 @@ save_figure(fig, "01_lower_bound")
 # %%
 K, P, q, R, V = (5, 2, 2, 1, 2) if SMALL else (6, 3, 3, 2, 2)
 draws = theory.enumerate_pool_draws(K, P, q, R, V, n=3 * q)
-print(f"K={K} keys, pool P={P}, q={q} queries ({R} recurring), V={V} values: {len(draws.keys)} equally likely outcomes")
+print(f"K={K} keys, pool P={P}, q={q} queries ({R} recurring), V={V} values: "
+      f"{len(draws.keys)} equally likely outcomes")
 for k in range(K):
-    assert math.isclose(draws.recurring[draws.keys == k].mean(), draws.r)   # the key id says nothing
+    assert math.isclose(draws.recurring[draws.keys == k].mean(), draws.r)  # the key id says nothing
 for v in range(V):
     assert math.isclose(draws.recurring[draws.values == v].mean(), draws.r)  # nor the value
 
@@ -193,7 +201,7 @@ for c in (0.0, 1 / V):
         print(f"{c:>5.2f} {delta:>6.2f} {bound:>6.3f} {least:>6.3f} {cons:>13.3f}  {name}")
     for wrong, claim in sb.WRONG_BOUNDS.items():
         beaten = sb.deployment_violations(draws, claim, c, table=table)
-        assert beaten or (wrong == "ignores c" and c == 0), wrong  # with c = 0 ignoring c is no error
+        assert beaten or (wrong == "ignores c" and c == 0), wrong  # with c = 0 it is no error
         print(f"  wrong bound '{wrong}': beaten by {len(beaten)} of {count} static schemes" +
               (f", e.g. '{beaten[0]}'" if beaten else ""))
 oracle_attn, oracle_acc = theory.deployment_evaluate(draws, ~draws.recurring, 0.0)
@@ -212,7 +220,8 @@ fig, ax = plt.subplots(figsize=(6, 4.2))
 ax.scatter(attn, acc, s=8, alpha=0.3, label=f"{len(names)} static schemes")
 a = np.linspace(0, q, 50)
 ax.plot(a, 1 - (1 - a / q) * (1 - draws.r) * (1 - c), "r-", label="Theorem 2's bound")
-ax.scatter([q * (1 - draws.r)], [1.0], marker="*", s=150, c="k", zorder=3, label="consolidating (reads S)")
+ax.scatter([q * (1 - draws.r)], [1.0], marker="*", s=150, c="k", zorder=3,
+           label="consolidating (reads S)")
 ax.set(xlabel="attention count per sequence", ylabel="accuracy at deployment (pool consolidated)",
        title=f"K={K}, P={P}, q={q}, r={draws.r:.2f}, c={c:.2f}: every pool draw")
 ax.legend(loc="lower right")

@@ -32,12 +32,13 @@ HERE = os.path.dirname(os.path.abspath(globals().get("__file__", os.path.join(os
 ROOT = HERE if os.path.isdir(os.path.join(HERE, "theory")) else os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-import theory
-from theory import consolidation as cons
-from theory import zipf
+import theory  # noqa: E402
+from theory import consolidation as cons  # noqa: E402
+from theory import zipf  # noqa: E402
 
 SMALL = os.environ.get("CRAM_NB_SMALL") == "1"
-# SRCD's ratios (DESIGN.md section 5): 5% queries, 70% recurring, a pool of 100 patterns
+# SRCD's ratios (the paper's benchmark, arXiv 2602.12204): 5% queries, 70% recurring, a pool of
+# 100 patterns
 n, f, r, P_UNIFORM = 2000, 0.05, 0.7, 100
 q = round(f * n)
 b, k = 1, 10  # sequences per step, exposures to consolidate: knobs of the model, not the paper's
@@ -52,13 +53,14 @@ Z_MAX = 5.0  # standard errors: over a few hundred steps a Gaussian passes 5 wit
 # %%
 print(cons.__doc__)
 E = theory.closed_form()
-E
+E  # noqa: B018  (Jupyter displays the expression)
 
 # %% [markdown]
 # k = 1 is a geometric decay; sympy agrees with the closed form specialised to k = 1.
 
 # %%
-geometric = cons.f * cons.n * ((1 - cons.r) + cons.r * (1 - cons.r / cons.P) ** (cons.t * cons.b * cons.f * cons.n))
+N_t = cons.t * cons.b * cons.f * cons.n  # queries seen before step t
+geometric = cons.f * cons.n * ((1 - cons.r) + cons.r * (1 - cons.r / cons.P) ** N_t)
 assert sp.simplify(E.subs(cons.k, 1).doit() - geometric) == 0
 print("k = 1:", geometric)
 
@@ -71,10 +73,12 @@ for t_ in [0, 3, 10, 40]:
     exact = theory.at(E, n=n, f=f, r=r, P=P_UNIFORM, k=k, b=b, t=t_)
     twin = theory.expected_attention([t_], n, f, r, theory.uniform_pool(P_UNIFORM), k, b)[0]
     assert math.isclose(exact, twin, rel_tol=1e-9), (t_, exact, twin)
-    big_pool = theory.expected_attention([100 * t_], n, f, r, theory.uniform_pool(100 * P_UNIFORM), k, b)[0]
-    poisson = theory.at(theory.poisson_form(), n=n, f=f, r=r, P=100 * P_UNIFORM, k=k, b=b, t=100 * t_)
+    big = theory.uniform_pool(100 * P_UNIFORM)
+    big_pool = theory.expected_attention([100 * t_], n, f, r, big, k, b)[0]
+    poisson = theory.at(theory.poisson_form(), n=n, f=f, r=r, P=len(big), k=k, b=b, t=100 * t_)
     assert abs(poisson - big_pool) < 0.01 * q, (t_, poisson, big_pool)  # Bin(N, p) ~ Poisson(N p)
-    print(f"t={t_:>3}: sympy {exact:8.4f}  numpy {twin:8.4f}   large pool: Poisson {poisson:8.4f} exact {big_pool:8.4f}")
+    print(f"t={t_:>3}: sympy {exact:8.4f}  numpy {twin:8.4f}   large pool: Poisson {poisson:8.4f} "
+          f"exact {big_pool:8.4f}")
 
 # %% [markdown]
 # ## The limit, and static / consolidating -> 1 / (1 - r)
@@ -82,10 +86,11 @@ for t_ in [0, 3, 10, 40]:
 # %%
 limit = theory.closed_form_limit()
 assert sp.simplify(limit - cons.f * (1 - cons.r) * cons.n) == 0
-ratio = sp.simplify(cons.f * cons.n / limit)  # a static scheme with delta = 0 pays f n at every step
+ratio = sp.simplify(cons.f * cons.n / limit)  # a static scheme with delta = 0: f n at every step
 assert sp.simplify(ratio - 1 / (1 - cons.r)) == 0
 print("lim E[attn_t] =", limit, "  static / consolidating ->", ratio)
-print(f"SRCD: static {f:.1%} of tokens, consolidated floor f (1 - r) = {f * (1 - r):.1%}, ratio {1 / (1 - r):.2f}")
+print(f"SRCD: static {f:.1%} of tokens, consolidated floor f (1 - r) = {f * (1 - r):.1%}, "
+      f"ratio {1 / (1 - r):.2f}")
 
 # %% [markdown]
 # ## Over a whole run: the attention consolidation costs is bounded
@@ -100,8 +105,8 @@ assert sp.limit(excess / cons.P, cons.P, sp.oo) == 1
 print("sum_t b (E[attn_t] - f (1 - r) n) =", excess)
 for P_, b_ in [(100, 16), (10_000, 16), (100, 1)]:
     e = theory.at(excess, n=n, f=f, r=r, P=P_, b=b_)
-    print(f"  n = {n}, f = {f}, r = {r}, P = {P_}, b = {b_}: {e:.0f} attended queries beyond the floor in all "
-          f"({e / P_:.2f} per pattern); static: {b_ * f * n * r:.0f} more at every step")
+    print(f"  n = {n}, f = {f}, r = {r}, P = {P_}, b = {b_}: {e:.0f} attended queries beyond the "
+          f"floor in all ({e / P_:.2f} per pattern); static: {b_ * f * n * r:.0f} more every step")
 
 # %% [markdown]
 # ## Simulation against the formula (uniform pool)
@@ -115,7 +120,7 @@ attn_u, uncons_u = theory.simulate(n, f, r, p_u, k, b, steps_u, replicas=R_UNIFO
 E_u = theory.expected_attention(steps_u, n, f, r, p_u, k, b)
 z = theory.z_scores(attn_u, E_u, b)
 assert np.abs(z).max() < Z_MAX, np.abs(z).max()
-assert math.isclose(E_u[0], q) and abs(E_u[-1] - f * (1 - r) * n) < 0.01 * q  # from f n to the floor
+assert math.isclose(E_u[0], q) and abs(E_u[-1] - f * (1 - r) * n) < 0.01 * q  # f n to the floor
 print(f"uniform pool: {len(steps_u)} steps, max |z| = {np.abs(z).max():.2f} < {Z_MAX}")
 
 # %% [markdown]
@@ -146,7 +151,8 @@ p_z = theory.zipf_pool(P_ZIPF, s)
 Z = (np.arange(1, P_ZIPF + 1) ** -s).sum()
 per_step = r * b * f * n  # recurring exposures per step
 fit_steps = theory.power_law_steps(P_ZIPF, s, k, per_step)
-steps_z = np.unique(np.r_[0, np.geomspace(1, 30 * fit_steps[-1], 40).round(), fit_steps]).astype(int)
+steps_z = np.geomspace(1, 30 * fit_steps[-1], 40).round()
+steps_z = np.unique(np.r_[0, steps_z, fit_steps]).astype(int)
 attn_z, uncons_z = theory.simulate(n, f, r, p_z, k, b, steps_z, replicas=R_ZIPF, seed=1)
 E_z = theory.expected_attention(steps_z, n, f, r, p_z, k, b)
 z = theory.z_scores(attn_z, E_z, b)
@@ -155,13 +161,14 @@ assert np.abs(z).max() < Z_MAX, np.abs(z).max()
 in_fit = np.isin(steps_z, fit_steps)
 M = per_step * steps_z
 gamma_fit = theory.fit_power_law(M[in_fit], uncons_z.mean(0)[in_fit])
-# 0.03: the pool's finite end bends the tail (measured on the exact expectation: <= 0.025 at s = 1.5,
-# 0.006 at s = 1.75) plus the sampling noise of the replicas
+# 0.03: the pool's finite end bends the tail (measured on the exact expectation: <= 0.025 at
+# s = 1.5, 0.006 at s = 1.75) plus the sampling noise of the replicas
 assert abs(gamma_fit - gamma) < 0.03, (gamma_fit, gamma)
 U_exact = (E_z / q - (1 - r)) / r
 ratio_asym = U_exact[in_fit] / theory.tail_asymptote(M[in_fit], s, k, Z)
 assert np.all(np.abs(ratio_asym - 1) < 0.05)  # C M^-gamma is the formula's large-M form
-print(f"Zipf s={s:.3f}: max |z| = {np.abs(z).max():.2f}; fitted gamma = {gamma_fit:.3f}, derived 1 - 1/s = {gamma:.3f}")
+print(f"Zipf s={s:.3f}: max |z| = {np.abs(z).max():.2f}; fitted gamma = {gamma_fit:.3f}, "
+      f"derived 1 - 1/s = {gamma:.3f}")
 print(f"exact / asymptote over the fit window: {ratio_asym.min():.3f} .. {ratio_asym.max():.3f}")
 
 # %% [markdown]
@@ -183,7 +190,8 @@ U_uni = (theory.expected_attention(fine, n, f, r, p_u, k, b) / q - (1 - r)) / r
 U_zipf = (theory.expected_attention(fine, n, f, r, p_z, k, b) / q - (1 - r)) / r
 d_uni, d_zipf = decades_to_fall_tenfold(fine, U_uni), decades_to_fall_tenfold(fine, U_zipf)
 assert d_uni < 0.5 and d_zipf > 1.5
-print(f"tenfold fall of the recurring part: uniform {d_uni:.2f} decades, Zipf {d_zipf:.2f} (1/gamma = {1 / gamma:.2f})")
+print(f"tenfold fall of the recurring part: uniform {d_uni:.2f} decades, Zipf {d_zipf:.2f} "
+      f"(1/gamma = {1 / gamma:.2f})")
 
 # %% [markdown]
 # ## Plot
@@ -207,7 +215,8 @@ ax0.legend(fontsize=8)
 pos = M > 0
 ax1.loglog(M[pos], uncons_z.mean(0)[pos], "C1.", label="simulation")
 ax1.loglog(M[pos], U_exact[pos], "C1-", alpha=0.5, label="formula (exact sum)")
-ax1.loglog(M[pos], theory.tail_asymptote(M[pos], s, k, Z), "k--", label=f"C M^-gamma, gamma = 1 - 1/s = {gamma:.3f}")
+ax1.loglog(M[pos], theory.tail_asymptote(M[pos], s, k, Z), "k--",
+           label=f"C M^-gamma, gamma = 1 - 1/s = {gamma:.3f}")
 ax1.axvspan(M[in_fit][0], M[in_fit][-1], color="0.9", label=f"fit window: gamma = {gamma_fit:.3f}")
 ax1.set(xlabel="recurring exposures M = r t b f n", ylabel="unconsolidated mass U",
         title=f"Zipf pool, P={P_ZIPF}", ylim=(max(U_exact.min(), 1e-6), 1.5))

@@ -24,7 +24,8 @@
 #
 #     python notebooks/06_srcd_transfer.py        # trains what out/notebooks/transfer lacks
 #
-# `CRAM_NB_SMALL=1` (the tests) runs every row for a few steps on a tiny config: its numbers mean nothing.
+# `CRAM_NB_SMALL=1` (the tests) runs every row for a few steps on a tiny config: its numbers mean
+# nothing, so the assertions on the findings (RESULTS.md, "Transfer") run only at full size.
 
 # %%
 import json
@@ -42,14 +43,16 @@ OUT = os.path.join(ROOT, "out", "notebooks", "transfer_small" if SMALL else "tra
 STEPS = 6 if SMALL else 750
 CONFIG = ["--threads=1", "--eval_interval=125", "--log_interval=50"]
 if SMALL:
-    CONFIG = ["--threads=1", "--srcd_len=48", "--batch_size=4", "--n_embd=16", "--n_head=2", "--eval_batches=1",
-              "--srcd_pool=10", "--srcd_novel_keys=20", "--srcd_values=8", "--eval_interval=3", "--log_interval=3"]
+    CONFIG = ["--threads=1", "--srcd_len=48", "--batch_size=4", "--n_embd=16", "--n_head=2",
+              "--eval_batches=1", "--srcd_pool=10", "--srcd_novel_keys=20", "--srcd_values=8",
+              "--eval_interval=3", "--log_interval=3"]
 SOURCE = os.path.join(OUT, "source")
 VARIANT = ["--srcd_gap=0.5", "--srcd_pareto=1.5", f"--srcd_pool_new={5 if SMALL else 50}"]
 FROM = [f"--init_from={SOURCE}"]
 ROWS = {
     "source, on its own task": None,
-    "source, no retraining": FROM + ["--learning_rate=0.0", "--min_lr=0.0", "--max_iters=1", "--warmup_iters=1"],
+    "source, no retraining": FROM + ["--learning_rate=0.0", "--min_lr=0.0", "--max_iters=1",
+                                     "--warmup_iters=1"],
     "source, output heads retrained": FROM + ["--freeze=blocks,tok_emb,cont_proj,ln_f"],
     "source, semantic + router frozen": FROM + ["--freeze=semantic,router"],
     "fresh model": [],
@@ -59,7 +62,8 @@ ROWS = {
 # ## Train what is missing
 
 # %%
-source = runs.ensure(SOURCE, CONFIG + ["--max_iters=" + ("12" if SMALL else "1500")], SMALL, "source")
+source = runs.ensure(SOURCE, CONFIG + ["--max_iters=" + ("12" if SMALL else "1500")], SMALL,
+                     "source")
 summaries = {"source, on its own task": source}
 for row, flags in ROWS.items():
     if flags is not None:
@@ -73,10 +77,12 @@ for row, flags in ROWS.items():
 # dynamics MSE; the floor is the novel queries' share, the same on both tasks.
 
 # %%
-keys = [("retrieval_acc", "retrieval", 100), ("acc_recurring", "recurring", 100), ("acc_novel", "novel", 100),
-        ("attn_frac", "attention", 100), ("attn_recurring", "attn recurring", 100), ("attn_novel", "attn novel", 100),
+keys = [("retrieval_acc", "retrieval", 100), ("acc_recurring", "recurring", 100),
+        ("acc_novel", "novel", 100), ("attn_frac", "attention", 100),
+        ("attn_recurring", "attn recurring", 100), ("attn_novel", "attn novel", 100),
         ("attn_other", "attn other", 100), ("dynamics_mse", "dynamics MSE", 1)]
-print(f"floor {100 * source['attn_floor']:.2f}%; transfer rows: {STEPS} steps on the variant, one seed\n")
+print(f"floor {100 * source['attn_floor']:.2f}%; transfer rows: {STEPS} steps on the variant, "
+      "one seed\n")
 print("| model | " + " | ".join(name for _, name, _ in keys) + " |")
 print("|---|" + "---:|" * len(keys))
 for row, s in summaries.items():
@@ -89,6 +95,28 @@ with open(os.path.join(OUT, "table.json"), "w") as fh:
 fresh, frozen = summaries["fresh model"], summaries["source, semantic + router frozen"]
 print(f"\nattention, frozen-router transfer against a fresh model after {STEPS} steps: "
       f"{100 * frozen['attn_frac']:.2f}% vs {100 * fresh['attn_frac']:.2f}%")
+
+# %% [markdown]
+# RESULTS.md: without retraining the router keeps attention at the floor and every pool key off
+# it, so the changed bindings get their old values (about half the recurring queries wrong);
+# retraining the heads recovers part, retraining all but semantic memory and the router recovers
+# all, with a better dynamics MSE than a fresh model; and the transfer saves no attention that a
+# fresh model's 750 steps do not (the paper: 48-52% less).
+
+# %%
+if not SMALL:
+    floor = source["attn_floor"]
+    as_is, heads = summaries["source, no retraining"], summaries["source, output heads retrained"]
+    # 1.25x: what notebook 04 counts as "at the floor"
+    assert as_is["attn_frac"] <= 1.25 * floor and as_is["attn_recurring"] < 1e-9, as_is
+    assert 0.4 <= as_is["acc_recurring"] <= 0.6, as_is  # half the pool has new values: 47.7%
+    assert as_is["acc_recurring"] < heads["acc_recurring"] < 0.99, heads  # part of it: 91.2%
+    for s in (frozen, fresh):  # all of it, at the floor
+        assert s["retrieval_acc"] >= 0.995 and s["attn_frac"] <= 1.25 * floor, s
+    assert frozen["dynamics_mse"] < fresh["dynamics_mse"]  # 0.079 against 0.094
+    # no saving: the paper's 48-52% would put the transfer near half the fresh model's attention;
+    # here it is above it (1.63% against 1.60%), and 10% below would already be a saving
+    assert frozen["attn_frac"] > 0.9 * fresh["attn_frac"], (frozen["attn_frac"], fresh["attn_frac"])
 
 # %% [markdown]
 # ## Plot: retrieval and attention per row

@@ -26,7 +26,8 @@ def same_settings(done_run, done_model, argv):
     run, model = train.parse_args(argv)
     ignored = (train.INVOCATION + ("threads", "ckpt_interval")
                + tuple(set(data.settings()) - set(data.setting_keys(run["dataset"]))))
-    same_run = all(done_run.get(k, train.DEFAULTS[k]) == v for k, v in run.items() if k not in ignored)
+    same_run = all(done_run.get(k, train.DEFAULTS[k]) == v
+                   for k, v in run.items() if k not in ignored)
     return same_run and all(done_model.get(k, MODEL_DEFAULTS[k]) == v for k, v in model.items())
 
 
@@ -37,7 +38,8 @@ def finished(path, argv):
             summary = json.load(fh)
     except (OSError, ValueError):
         return None
-    return summary if same_settings(summary["config"]["run"], summary["config"]["model"], argv) else None
+    config = summary["config"]
+    return summary if same_settings(config["run"], config["model"], argv) else None
 
 
 def interrupted(path, argv):
@@ -65,7 +67,8 @@ def ensure(path, argv, small=False, label=""):
         with contextlib.redirect_stdout(io.StringIO()):
             return train.main(argv)
     t0 = time.time()
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *argv], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *argv],
+                         capture_output=True, text=True)
     assert res.returncode == 0, f"{label or path}: {res.stderr[-500:]}"
     resumed = "" if step is None else f" (resumed at step {step})"
     print(f"trained {label or path}: {time.time() - t0:.0f} s{resumed}", flush=True)

@@ -7,8 +7,9 @@ and a query goes to attention iff it is novel or its pattern is not consolidated
 consolidating scheme of lower_bound.py, C being the patterns seen >= k times.
 
 Closed form. Before step t the learner has seen N_t = t b f n queries; each was pattern i with
-probability r p_i independently, so pattern i has been seen Binomial(N_t, r p_i) times, independently
-of the queries of step t. Linearity of expectation over the f n queries of a sequence gives
+probability r p_i independently, so pattern i has been seen Binomial(N_t, r p_i) times,
+independently of the queries of step t. Linearity of expectation over the f n queries of a
+sequence gives
     E[attn_t] = f n [ (1 - r) + r sum_i p_i P(Bin(N_t, r p_i) < k) ],
 and for a uniform pool (closed_form)
     E[attn_t] = f n [ (1 - r) + r sum_{j<k} C(N_t, j) (r/P)^j (1 - r/P)^(N_t - j) ].
@@ -41,7 +42,7 @@ def _pmf(N_, pi):
 
 
 def closed_form():
-    """E[attn_t] for a uniform pool of P patterns, exact (a sympy expression in n, f, r, P, k, b, t)."""
+    """E[attn_t] for a uniform pool of P patterns, exact: sympy, in n, f, r, P, k, b, t."""
     return f * n * ((1 - r) + r * sp.Sum(_pmf(t * b * f * n, r / P), (j, 0, k - 1)))
 
 
@@ -83,7 +84,7 @@ def binom_cdf_below(k_, N_, p):
 
 
 def expected_attention(steps, n_, f_, r_, p, k_, b_):
-    """E[attn_t] per sequence at each step, for any pool p (numpy twin of closed_form). Returns (T,)."""
+    """E[attn_t] per sequence at each step, for any pool p (closed_form's numpy twin). -> (T,)."""
     N_t = np.asarray(steps, float)[:, None] * b_ * f_ * n_      # (T, 1) queries seen before step t
     unconsolidated = (p * binom_cdf_below(k_, N_t, r_ * p)).sum(-1)  # (T,) sum_i p_i P(Bin < k)
     return f_ * n_ * ((1 - r_) + r_ * unconsolidated)
@@ -138,5 +139,5 @@ def z_scores(attn, expected, b_):
 
 
 def at(expr, **values):
-    """Evaluate a sympy expression at numbers given by symbol name (modules use their own symbols)."""
+    """Evaluate a sympy expression at numbers given by symbol name (each module has its symbols)."""
     return float(expr.subs({x: values[x.name] for x in expr.free_symbols}).doit())

@@ -1,4 +1,5 @@
-"""Task instances: SRCD (DESIGN.md section 5) cut down to sizes small enough to enumerate.
+"""Task instances: SRCD (the paper's benchmark, arXiv 2602.12204; data.SRCD is the full generator)
+cut down to sizes small enough to enumerate.
 
 Family: m fixed sequences, for the bound before anything is consolidated. PoolDraws: every outcome
 of a sequence whose recurring pool is drawn at random from one key space, for the bound at
@@ -23,7 +24,7 @@ TYPE_NAMES = {SIGNAL: "signal", BIND: "bind", QUERY: "query"}
 @dataclass(frozen=True)
 class Family:
     types: np.ndarray      # (m, n) int: SIGNAL, BIND or QUERY
-    keys: np.ndarray       # (m, n) int: key id on BIND and QUERY tokens, -1 on SIGNAL; ids < P are the pool
+    keys: np.ndarray       # (m, n) int: key id on BIND and QUERY tokens, -1 on SIGNAL; pool: < P
     recurring: np.ndarray  # (m, n) bool: this token's key comes from the shared pool
     P: int                 # pool size
 
@@ -49,7 +50,8 @@ def sample_sequence(rng, n, q, r, P, novel_base):
     """One sequence: q bind/query pairs at random positions, every query after its own binding."""
     assert 2 * q <= n, f"q={q} bind/query pairs do not fit in n={n} tokens"
     pos = np.sort(rng.choice(n, 2 * q, replace=False))
-    while True:  # a uniform ballot order (never more queries than bindings so far); accepts w.p. 1/(q+1)
+    # a uniform ballot order (never more queries than bindings so far); accepts w.p. 1/(q+1)
+    while True:
         order = rng.permutation([BIND] * q + [QUERY] * q)
         if (np.cumsum(np.where(order == BIND, 1, -1)) >= 0).all():
             break
@@ -59,7 +61,7 @@ def sample_sequence(rng, n, q, r, P, novel_base):
         types[i] = kind
         if kind == BIND:
             rec[i] = rng.random() < r
-            keys[i] = rng.integers(P) if rec[i] else novel_base + i  # novel ids are unique in the family
+            keys[i] = rng.integers(P) if rec[i] else novel_base + i  # unique in the family
             unqueried.append(i)
         else:
             j = unqueried.pop(rng.integers(len(unqueried)))
@@ -68,7 +70,7 @@ def sample_sequence(rng, n, q, r, P, novel_base):
 
 
 def make_family(n, q, m, r=0.7, P=4, seed=0):
-    """m sequences of n tokens with q queries each; keys recur from a pool of P with probability r."""
+    """m sequences of n tokens, q queries each; keys recur from a pool of P with probability r."""
     rng = np.random.default_rng(seed)
     seqs = [sample_sequence(rng, n, q, r, P, novel_base=P + s * n) for s in range(m)]
     return Family(*(np.stack(a) for a in zip(*seqs)), P=P)
@@ -77,7 +79,8 @@ def make_family(n, q, m, r=0.7, P=4, seed=0):
 @dataclass(frozen=True)
 class PoolDraws:
     """Every equally likely outcome of one deployed sequence when the pool is unknown in advance,
-    enumerated (DESIGN.md section 7), so expectations over pool draws are exact sums, not samples.
+    enumerated (Theorem 2's setting, lower_bound.py), so expectations over pool draws are exact
+    sums, not samples.
 
     Keys are exchangeable: the pool S is a uniformly random P-subset of one key space {0 .. K-1}. A
     sequence has q queries, exactly R of them recurring (a uniformly random set of the q query

@@ -1,15 +1,18 @@
 """Static vs consolidating routing: what any scheme pays before anything is consolidated, and what
 a static scheme pays at deployment, when the recurring pool was not known in advance.
 
-Definitions (DESIGN.md section 7; the instance is in instances.py).
+The paper (arXiv 2602.12204) states that any static routing scheme needs Omega(f n) attention;
+below is the form this project proves and brute-forces (RESULTS.md, "Theory").
+
+Definitions (the instance is in instances.py).
   State C: the set of keys the learner has consolidated into semantic memory so far. C = {} before
     training has seen any recurrence; novel keys never enter C, because they never recur.
   Answer model: a query with key k is answered correctly if it is routed to attention (its binding
     is in the context and attention retrieves it) or if k is in C (semantic memory answers it).
     Otherwise it is right only by chance, with probability c (c = 1/V when guessing among V values;
     c = 0 reads "wrong").
-  Routing scheme: a map rho(x, C) from a sequence x and the state C to the set A of positions sent to
-    attention. Its attention count is |A|.
+  Routing scheme: a map rho(x, C) from a sequence x and the state C to the set A of positions
+    sent to attention. Its attention count is |A|.
   Static: rho(x, C) = rho(x, {}) for every C, i.e. the decision is fixed before the data's
     recurrences are seen: fixed sparse patterns, fixed hybrid layouts, a gate learned then frozen, a
     router trained without the consolidation signal. It may look at anything in x (token types,
@@ -50,10 +53,10 @@ of one key space K, a sequence's recurring queries ask keys of S and its novel o
 values are drawn alike for both (instances.PoolDraws); each of the q = f n query slots recurs with
 the same probability r (the recurring slots are a uniformly random set, as in SRCD). Without that,
 a fixed slot rule can beat the bound: if recurring queries always came first, "route the last
-slots" would reach accuracy 1 at (1 - r) q. A static scheme is fixed before S is drawn: rho(x) may read positions, token types, key ids,
-values and counters of the sequence x, and may be randomised, but not S. At deployment every key of
-S is consolidated (C = S). If rho reaches expected accuracy >= 1 - delta there, averaged over the
-draws of S and x, then
+slots" would reach accuracy 1 at (1 - r) q. A static scheme is fixed before S is drawn: rho(x) may
+read positions, token types, key ids, values and counters of the sequence x, and may be
+randomised, but not S. At deployment every key of S is consolidated (C = S). If rho reaches
+expected accuracy >= 1 - delta there, averaged over the draws of S and x, then
     E |rho(x)|  >=  max(0, 1 - delta / ((1 - r)(1 - c))) * f n,
 and this is tight. A consolidating scheme reaches accuracy 1 with f (1 - r) n, and for every delta
 the best consolidating scheme pays exactly (1 - r) times the static bound.
@@ -80,9 +83,9 @@ line attention = bound(1 - accuracy): the brute force below checks that identity
 a generator whose sequences leak whether a query recurs.
 
 What it does not cover: a router trained jointly with the model (router_mode "learned" and
-"no_consolidation" in cram.py) is fixed only after it has seen the pool, so it is not static in this sense;
-Theorem 2 says nothing about it. It covers fixed sparse patterns ("fixed"), "always" and "never",
-and any rule decided before the pool is drawn.
+"no_consolidation" in cram.py) is fixed only after it has seen the pool, so it is not static in
+this sense; Theorem 2 says nothing about it. It covers fixed sparse patterns ("fixed"), "always"
+and "never", and any rule decided before the pool is drawn.
 """
 import itertools
 
@@ -119,10 +122,10 @@ def consolidated_cost(n, f, r, delta=0.0, chance=0.0):
 def evaluate(fam, routes, consolidated=(), chance=0.0):
     """Expected attention count per sequence and accuracy of each routing, under the answer model.
 
-    routes: (S, m, n) or (m, n) bool, True = sent to attention. Returns (attn, acc), each (S,) or ().
+    routes: (S, m, n) or (m, n) bool, True = sent to attention. -> (attn, acc), each (S,) or ().
     """
     queries = fam.queries                                              # (m, n)
-    known = queries & np.isin(fam.keys, list(consolidated))            # semantic memory answers these
+    known = queries & np.isin(fam.keys, list(consolidated))            # semantic memory answers
     right = (queries & (routes | known)).sum(-1)                       # (S, m) answered for sure
     expected_right = right + chance * (fam.q - right)                  # the others by chance
     return routes.sum(-1).mean(-1), expected_right.mean(-1) / fam.q
@@ -187,8 +190,8 @@ def deployment_evaluate(draws, routes, chance=0.0):
 
 
 def deployment_schemes(draws, tables=300, seed=0):
-    """Static schemes on a PoolDraws instance, as (name, routes (N, q) bool or float) pairs, one at a
-    time: each reads only what a sequence shows (query slot, keys, values) and never S.
+    """Static schemes on a PoolDraws instance, as (name, routes (N, q) bool or float) pairs, one at
+    a time: each reads only what a sequence shows (query slot, keys, values) and never S.
 
     1. every set of query slots (the counters "first j queries" and every fixed pattern);
     2. every key-id set A (route iff key in A: thresholds, parity and every other id rule);
@@ -209,7 +212,8 @@ def deployment_schemes(draws, tables=300, seed=0):
         for a in key_sets[1:-1]:
             yield f"slots {label(s)} and keys in {label(a)}", s & a[draws.keys]
     for b in range(1, 2 ** draws.V - 1):
-        yield f"values in {label((b >> np.arange(draws.V)) & 1)}", ((b >> draws.values) & 1).astype(bool)
+        in_set = ((b >> draws.values) & 1).astype(bool)
+        yield f"values in {label((b >> np.arange(draws.V)) & 1)}", in_set
     rank = draws.keys.argsort(1).argsort(1)                                  # 0 = smallest key
     for j in range(1, q):
         yield f"{j} smallest keys", rank < j
@@ -219,13 +223,15 @@ def deployment_schemes(draws, tables=300, seed=0):
     rng = np.random.default_rng(seed)
     for i in range(tables):  # any function of the sequence: a random decision per (x, slot)
         density = rng.random()
-        yield f"random table {i} (density {density:.2f})", (rng.random((obs.max() + 1, q)) < density)[obs]
+        table = rng.random((obs.max() + 1, q)) < density
+        yield f"random table {i} (density {density:.2f})", table[obs]
     for p in np.linspace(0, 1, 11):
         yield f"each query with probability {p:.1f}", np.full((N, q), p)
 
 
 def deployment_table(draws, chance=0.0, **kw):
-    """(names, attn, acc) of every scheme of deployment_schemes: exact expectations over all draws."""
+    """(names, attn, acc) of every scheme of deployment_schemes: exact expectations over every
+    draw."""
     names, rows = [], []
     for name, routes in deployment_schemes(draws, **kw):
         names.append(name)
@@ -235,9 +241,10 @@ def deployment_table(draws, chance=0.0, **kw):
 
 
 def deployment_violations(draws, bound, chance=0.0, table=None, **kw):
-    """The enumerated static schemes that pay less than bound(n, f, r, delta, chance) for the accuracy
-    1 - delta they reach: their names. Empty for Theorem 2's deployment_bound; a bound stronger
-    than the truth must show violators here. table: deployment_table's result, to reuse it."""
+    """The enumerated static schemes that pay less than bound(n, f, r, delta, chance) for the
+    accuracy 1 - delta they reach: their names. Empty for Theorem 2's deployment_bound; a bound
+    stronger than the truth must show violators here. table: deployment_table's result, to reuse
+    it."""
     names, attn, acc = table or deployment_table(draws, chance, **kw)
     claimed = np.array([bound(draws.n, draws.f, draws.r, 1 - a, chance) for a in acc])
     return [names[i] for i in np.flatnonzero(attn < claimed - TOL)]

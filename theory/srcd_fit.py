@@ -33,7 +33,8 @@ def read_run(run_dir):
         run = summary["config"]["run"]
     else:
         import torch
-        run = torch.load(os.path.join(run_dir, "ckpt.pt"), map_location="cpu", weights_only=False)["run"]
+        ckpt = torch.load(os.path.join(run_dir, "ckpt.pt"), map_location="cpu", weights_only=True)
+        run = ckpt["run"]
     return [rows[s] for s in sorted(rows)], run, summary
 
 
@@ -50,20 +51,23 @@ def floor(prm):
 
 
 def unconsolidated(steps, k, prm):
-    """Share of recurring queries still on attention at each step: sum_i p_i P(Bin(N_t, r p_i) < k)."""
+    """Share of recurring queries still on attention at each step:
+    sum_i p_i P(Bin(N_t, r p_i) < k)."""
     N_t = np.round(np.asarray(steps, float)[:, None] * prm["b_"] * prm["f_"] * prm["n_"])  # a count
     return (prm["p"] * cons.binom_cdf_below(k, N_t, prm["r_"] * prm["p"])).sum(-1)
 
 
 def attention(steps, k, prm):
-    """Expected share of tokens on attention, f [(1 - r) + r unconsolidated]: expected_attention / n."""
+    """Expected share of tokens on attention, f [(1 - r) + r unconsolidated]:
+    expected_attention / n."""
     return prm["f_"] * ((1 - prm["r_"]) + prm["r_"] * unconsolidated(steps, k, prm))
 
 
 def fit_k(steps, measured, prm, num=60):
     """k by least squares of unconsolidated() against the measured share, over a geometric grid of
     integers up to twice the mean exposures a pattern has had by the last step (larger k keep the
-    curve at 1 throughout). -> (k, lo, hi): the best k and the grid range within 10% of its error."""
+    curve at 1 throughout). -> (k, lo, hi): the best k and the grid range within 10% of its
+    error."""
     exposures = prm["r_"] * prm["b_"] * prm["f_"] * prm["n_"] * prm["p"].max() * max(steps)
     grid = np.unique(np.geomspace(1, 2 * exposures + 2, num).round().astype(int))
     sse = np.array([((unconsolidated(steps, k, prm) - measured) ** 2).sum() for k in grid])
@@ -78,8 +82,8 @@ def fit_k_log(M, measured, p, num=80):
     integers 1 .. 10^6. -> (k, lo, hi): the best k and the grid range within 10% of its error."""
     grid = np.unique(np.geomspace(1, 1e6, num).round().astype(int))
     log_measured = np.log(np.asarray(measured, float))
-    sse = np.array([((np.log(np.maximum(unconsolidated_mass(M, p, k), 1e-300)) - log_measured) ** 2).sum()
-                    for k in grid])
+    log_u = lambda k: np.log(np.maximum(unconsolidated_mass(M, p, k), 1e-300))
+    sse = np.array([((log_u(k) - log_measured) ** 2).sum() for k in grid])
     ok = grid[sse <= 1.1 * sse.min() + 1e-9]
     return int(grid[sse.argmin()]), int(ok.min()), int(ok.max())
 
@@ -99,6 +103,7 @@ def fit_gamma(steps, share, start=0, resamples=2000, seed=0):
     slope, icpt = np.polyfit(x, y, 1)
     resid = y - (slope * x + icpt)
     rng = np.random.default_rng(seed)
-    boot = [np.polyfit(x, slope * x + icpt + rng.choice(resid, len(x)), 1)[0] for _ in range(resamples)]
+    boot = [np.polyfit(x, slope * x + icpt + rng.choice(resid, len(x)), 1)[0]
+            for _ in range(resamples)]
     lo, hi = np.percentile(-np.array(boot), [2.5, 97.5])
     return float(-slope), (float(lo), float(hi)), mask

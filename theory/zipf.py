@@ -9,10 +9,12 @@ early, rare ones late. With M = r t b f n recurring exposures so far, the uncons
     U(M) = sum_i p_i P(Poisson(M p_i) < k) = sum_i p_i Q(k, M p_i).
 Derivation (derive_tail does each step in sympy). Replace the sum by an integral over x >= 1 and
 substitute u = M p(x), i.e. x = (M / (Z u))^(1/s); x from 1 to oo is u from M/Z down to 0:
-    U(M) = int_0^{M/Z} (u / M) Q(k, u) |dx/du| du = (1/s) Z^(-1/s) M^(1/s - 1) int_0^{M/Z} u^(-1/s) Q(k, u) du.
+    U(M) = int_0^{M/Z} (u / M) Q(k, u) |dx/du| du
+         = (1/s) Z^(-1/s) M^(1/s - 1) int_0^{M/Z} u^(-1/s) Q(k, u) du.
 As M -> oo the upper limit goes to oo (the rest is exponentially small) and, since
 Q(k, u) = sum_{j<k} e^-u u^j / j!, the integral is a sum of k Gamma integrals, each finite as s > 1:
-    int_0^oo u^(-1/s) Q(k, u) du = sum_{j<k} Gamma(j + 1 - 1/s) / j! = Gamma(k + 1 - 1/s) / ((1 - 1/s) Gamma(k)).
+    int_0^oo u^(-1/s) Q(k, u) du = sum_{j<k} Gamma(j + 1 - 1/s) / j!
+                                 = Gamma(k + 1 - 1/s) / ((1 - 1/s) Gamma(k)).
 Hence
     U(M) ~ C M^-gamma,   gamma = 1 - 1/s,   C = Gamma(k + 1 - 1/s) / ((s - 1) Gamma(k) Z^(1/s)),
 so the recurring part of the attention count, r f n U, falls as t^-gamma, whatever k, b, r and n.
@@ -57,7 +59,8 @@ def derive_tail():
     exponent = sp.simplify(M * sp.diff(sp.log(factor), M))  # d log U / d log M
     assert not exponent.has(u, Z, M)  # so factor = g(u) M^exponent: a pure power law in M
     # int_0^oo u^(-1/s) Q(k, u) du with Q(k, u) = sum_{j<k} e^-u u^j / j!: k Gamma integrals
-    gamma_integral = sp.integrate(u ** (j - 1 / s) * sp.exp(-u) / sp.factorial(j), (u, 0, sp.oo), conds="none")
+    gamma_integral = sp.integrate(u ** (j - 1 / s) * sp.exp(-u) / sp.factorial(j), (u, 0, sp.oo),
+                                  conds="none")
     inner = sp.summation(gamma_integral, (j, 0, k - 1))
     C = sp.gammasimp(factor / M**exponent / u ** (-1 / s) * inner)
     s_ = sp.Symbol("s", positive=True)
@@ -106,7 +109,8 @@ def power_law_window(p, s, k, tol=0.05, M_max=1e12, num=600):
     reached. -> (M_lo, M_hi, U(M_lo), U(M_hi)), or None where no point is within tol. M_lo grows
     faster than k, the shares at the two ends much less (s = 2, P = 5600, k = 10, 100, 1000:
     M_lo = 133, 9.7e3, 5.2e5; the window starts at U = 0.21, 0.079, 0.034 and ends at U = 0.0011
-    for all three): the shares a run must resolve to see the power law are set mostly by the pool."""
+    for all three): the shares a run must resolve to see the power law are set mostly by the
+    pool."""
     M = np.geomspace(max(k, 1) * 1e-2, M_max, num)
     U = unconsolidated_mass(M, p, k)
     M, U = M[U > 1e-300], U[U > 1e-300]  # past the pool's end U underflows, and log needs U > 0
