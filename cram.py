@@ -87,6 +87,7 @@ class CramConfig:
     ctrnn_steps: int = 2     # K, Euler steps per token of the paper's update
     router_mode: str = "learned"  # a row of ROUTER_MODES: learned, no_q, always, never, fixed, ...
     fixed_every: int = 16    # router_mode="fixed": attention on every k-th token of the sequence
+    attn_budget: float = 0.125  # router_mode="capacity": the share of each sequence on attention
     tau_start: float = 1.0   # Gumbel-softmax temperature, annealed to tau_end over training
     tau_end: float = 0.3     # the temperature at the end of training
     sigma2: float = 0.2      # sigma^2 in q = exp(-err / sigma^2), err the relative squared error:
@@ -97,7 +98,6 @@ class CramConfig:
     w_qhead: float = 0.1     # loss weight of the q-head's BCE toward sg(q)
     w_compute: float = 0.5   # loss weight of the compute penalty on the router's P(EPISODIC)
     attn_prior: float = 0.9  # the router's initial P(EPISODIC): attention use starts high
-    penalty_q: bool = True   # charge the penalty in proportion to q_hat; False: a flat penalty.
                              # With q_hat, retrievals semantic memory cannot answer keep
                              # attention free
     dropout: float = 0.0     # on the embeddings and after each MLP
@@ -126,6 +126,7 @@ class CramConfig:
             ("ctrnn_steps", self.ctrnn_steps > 0, "a positive int"),
             ("router_mode", self.router_mode in ROUTER_MODES, f"one of {tuple(ROUTER_MODES)}"),
             ("fixed_every", self.fixed_every > 0, "a positive int"),
+            ("attn_budget", 0 < self.attn_budget <= 1, "in (0, 1]"),
             ("tau_start", self.tau_start > 0, "> 0"),
             ("tau_end", self.tau_end > 0, "> 0"),
             ("sigma2", self.sigma2 > 0, "> 0"),
@@ -402,13 +403,16 @@ class RouterMode:
     """What one router mode means: Block.forward and route() read the mode from this alone."""
     attention: str      # who decides EPISODIC: "router" chooses freely, "all" forces it on
                         # every token, "none" forbids it, "every_k" forces it on every
-                        # fixed_every-th token of the sequence and forbids it elsewhere
+                        # fixed_every-th token of the sequence and forbids it elsewhere,
+                        # "budget" gives it to the attn_budget share of each sequence that
+                        # scores highest (Router.pick; its score scales attention's output)
                         # (WORKING vs SEMANTIC is still the router's choice)
     reads_q: bool       # the router's input includes the q-head's estimate q_hat
     consolidates: bool  # the consolidation loss trains f_sem and the q-head learns q
     spot_checks: bool   # in training, a share eps of the other tokens also runs attention
     penalty: str        # compute penalty on P(EPISODIC): "q" charges it in proportion to q_hat
-                        # (when cfg.penalty_q, else flat), "flat" always, "none" nothing
+                        # (an unconsolidated retrieval keeps attention free), "flat" always,
+                        # "none" nothing
     semantic: bool = True  # SEMANTIC is a tier the router may choose; False: the other two
 
 
@@ -416,6 +420,8 @@ ROUTER_MODES = {  # the paper's router, its ablations, and three baselines
     "learned": RouterMode("router", reads_q=True, consolidates=True, spot_checks=True,
                           penalty="q"),
     "no_q": RouterMode("router", reads_q=False, consolidates=True, spot_checks=True, penalty="q"),
+    "flat_penalty": RouterMode("router", reads_q=True, consolidates=True, spot_checks=True,
+                               penalty="flat"),
     "no_semantic": RouterMode("router", reads_q=True, consolidates=True, spot_checks=True,
                               penalty="q", semantic=False),
     # the paper's "w/o consolidation"; not static in theory/lower_bound.py's sense: trained with
@@ -428,6 +434,10 @@ ROUTER_MODES = {  # the paper's router, its ablations, and three baselines
                         penalty="none"),
     "fixed": RouterMode("every_k", reads_q=True, consolidates=True, spot_checks=False,
                         penalty="none"),
+    # Mixture-of-Depths' capacity routing (arXiv 2404.02258): a fixed budget, so the share on
+    # attention cannot collapse, and the router learns which tokens fill it
+    "capacity": RouterMode("budget", reads_q=True, consolidates=True, spot_checks=True,
+                           penalty="none"),
 }
 
 
@@ -445,6 +455,26 @@ class Router(nn.Module):
         self.q_head = nn.Linear(cfg.n_embd, 1)
         self.logits = nn.Linear(cfg.n_embd + 1, 3)
         self.attn_prior = cfg.attn_prior
+        if cfg.router_mode == "capacity":  # the causal cut of evaluation and generation; it starts
+            # at the EPISODIC logit's initial bias, where an untrained model's scores all are
+            bias = math.log(2 * cfg.attn_prior / (1 - cfg.attn_prior))
+            self.register_buffer("threshold", torch.tensor(bias))
+
+    def pick(self, score, budget):
+        """Capacity routing, score (B, T) the EPISODIC logit -> (B, T) bool, the tokens that run
+        attention. In training the top ceil(budget T) of each sequence (MoD's top-k: it sees the
+        whole sequence), and the threshold follows the score that a share budget of the batch's
+        tokens reaches (a moving average); in evaluation and generation every token scoring above
+        the threshold, which is causal and spends the budget on average."""
+        if not self.training:
+            return score > self.threshold
+        k = max(1, math.ceil(budget * score.shape[1]))
+        top = score.detach().topk(k, dim=-1)
+        with torch.no_grad():
+            flat = score.detach().float().flatten()
+            cut = flat.kthvalue(max(1, flat.numel() - math.ceil(budget * flat.numel()) + 1)).values
+            self.threshold.lerp_(cut, 0.05)
+        return torch.zeros_like(score, dtype=torch.bool).scatter_(1, top.indices, True)
 
     def forward(self, u, reads_q=True):
         """u: (B, T, d) -> logits (B, T, 3) over (WORKING, EPISODIC, SEMANTIC), and q_logit
@@ -455,12 +485,13 @@ class Router(nn.Module):
         return self.logits(torch.cat([u, q_in[..., None].to(u.dtype)], -1)), q_logit
 
 
-def route(logits, mode, tau, training, fixed_every, offset=0):
+def route(logits, mode, tau, training, fixed_every, offset=0, picked=None):
     """The router's decision z (B, T, 3), one-hot over (WORKING, EPISODIC, SEMANTIC), from logits
     (B, T, 3): a straight-through Gumbel-softmax sample in training, the argmax in evaluation, with
     EPISODIC forced or forbidden as mode.attention (a RouterMode) says. offset: the absolute
     position of the first of the T tokens (generation's steps), for "every_k", which forces
-    positions fixed_every-1, 2 fixed_every-1, ... of the whole sequence."""
+    positions fixed_every-1, 2 fixed_every-1, ... of the whole sequence; picked: (B, T) bool,
+    the tokens "budget" forces (Router.pick)."""
     B, T, _ = logits.shape
     if mode.attention == "all":
         return F.one_hot(torch.full((B, T), EPISODIC, device=logits.device), 3).to(logits.dtype)
@@ -473,11 +504,13 @@ def route(logits, mode, tau, training, fixed_every, offset=0):
             logits[..., SEMANTIC] = float("-inf")
         if mode.attention == "every_k":
             forced[:, (-offset - 1) % fixed_every::fixed_every] = True  # (offset + t + 1) % k == 0
+        if mode.attention == "budget":
+            forced = picked
     if training:
         z = F.gumbel_softmax(logits, tau=tau, hard=True)
     else:
         z = F.one_hot(logits.argmax(-1), 3).to(logits.dtype)
-    if mode.attention == "every_k":  # EPISODIC on the forced tokens, built on the device
+    if mode.attention in ("every_k", "budget"):  # EPISODIC on the forced tokens, on the device
         e_hot = torch.zeros_like(z)
         e_hot[..., EPISODIC] = 1
         z = torch.where(forced[..., None], e_hot, z)
@@ -541,14 +574,19 @@ class Block(nn.Module):
             h = x + y
         u = self.ln2(h)
         logits, q_logit = self.router(u, mode.reads_q)
-        logits, q_hat = logits.float(), torch.sigmoid(q_logit.float())  # fp32 under autocast:
-        z = route(logits, mode, tau, self.training, cfg.fixed_every, pos)  # bf16 Gumbel draws tie
+        # fp32 under autocast: bf16 Gumbel draws tie
+        logits, q_hat = logits.float(), torch.sigmoid(q_logit.float())
+        budget = mode.attention == "budget"
+        picked = self.router.pick(logits[..., EPISODIC], cfg.attn_budget) if budget else None
+        z = route(logits, mode, tau, self.training, cfg.fixed_every, pos, picked)
         ran = z[..., EPISODIC] > 0                                       # attention runs, (B, T)
         if self.training and mode.spot_checks and cfg.spot_check > 0:
             ran = ran | (torch.rand(ran.shape, device=x.device) < cfg.spot_check)
         r_E = self.episodic(u, ran, mode.attention == "all", cache, pos)           # (B, T, d)
         f_sem = self.semantic(u)                                                 # (B, T, d)
-        h = h + (z[..., EPISODIC, None] * r_E + z[..., SEMANTIC, None] * f_sem).to(h.dtype)
+        z_E = z[..., EPISODIC]  # under "budget" scaled by the router's score (MoD): its gradient
+        z_E = z_E * torch.sigmoid(logits[..., EPISODIC]) if budget else z_E
+        h = h + (z_E[..., None] * r_E + z[..., SEMANTIC, None] * f_sem).to(h.dtype)
         out = h + self.mlp(self.ln3(h)) if self.mlp is not None else h
         routing = dict(z=z.detach().float(), q_hat=q_hat.detach().float())
         if not losses:  # inference: no consolidation targets to compare, nothing to charge
@@ -559,10 +597,9 @@ class Block(nn.Module):
             terms = self.consolidation(u, r_E, ran, q_logit)
         else:
             terms = dict(consol=zero, qhead=zero)
-        # compute penalty on the router's attention probability; with penalty_q it is charged in
-        # proportion to q_hat, so an unconsolidated retrieval is never pushed off attention
+        # compute penalty on the router's attention probability, as the mode's row says
         p_E = logits.softmax(-1)[..., EPISODIC]
-        charge = p_E * q_hat.detach() if mode.penalty == "q" and cfg.penalty_q else p_E
+        charge = p_E * q_hat.detach() if mode.penalty == "q" else p_E
         terms["compute"] = zero if mode.penalty == "none" else charge.mean()
         return out, terms, routing
 

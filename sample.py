@@ -20,6 +20,7 @@ context tokens, so from there on the two paths differ; and the model never train
 that long, so what its state does there is untested.
 """
 import argparse
+import math
 import sys
 import time
 
@@ -81,8 +82,9 @@ def main(argv):
     ap.add_argument("--no_cache", action="store_true",
                     help="rerun the whole context for every token (for comparison)")
     a = ap.parse_args(argv)
-    if a.temperature < 0 or a.top_k < 0 or a.num_samples < 1 or a.max_new_tokens < 0:
-        raise ConfigError("--temperature and --top_k must be >= 0, --num_samples >= 1, "
+    bad = not 0 <= a.temperature < math.inf  # NaN too
+    if bad or a.top_k < 0 or a.num_samples < 1 or a.max_new_tokens < 0:
+        raise ConfigError("--temperature (finite) and --top_k must be >= 0, --num_samples >= 1, "
                           "--max_new_tokens >= 0")
     dev = train.pick_device(a.device)
     run, task, model, _ = train.load_run(a.out_dir, dev)

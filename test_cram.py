@@ -190,7 +190,6 @@ def test_chunked_scan_equals_sequential(B, T, C, chunk, scale, seed):
         rel_rms(cla, gla, "dlog_a")
 
 
-
 def test_gated_memory_is_its_docstring_equation():
     """h_t = a_t h_{t-1} + (1 - a_t) u_t, a_t = exp(-dtau_t softplus(rate_t)), y = W_o (h * silu(g)),
     written out as a loop, against the module (which runs the chunked scan)."""
@@ -206,7 +205,6 @@ def test_gated_memory_is_its_docstring_equation():
     rel_rms(wm(x, dtau), wm.out_proj(torch.stack(hs, 1) * F.silu(g)), "working memory")
 
 
-
 def palimpsa_inputs(B, T, H, D, seed, b_scale=1.0):
     g = torch.Generator().manual_seed(seed)
     log_a = -torch.rand(B, T, H, generator=g) * 2
@@ -214,7 +212,6 @@ def palimpsa_inputs(B, T, H, D, seed, b_scale=1.0):
     k, q = (F.normalize(torch.randn(B, T, H, D, generator=g), dim=-1) for _ in range(2))
     b = torch.rand(B, T, H, D, generator=g) * b_scale
     return [x.requires_grad_() for x in (log_a, v, k, b, q)]
-
 
 
 @given(B=st.integers(1, 2), T=st.integers(1, 37), H=st.integers(1, 3), D=st.sampled_from([1, 3, 4]),
@@ -241,7 +238,6 @@ def test_palimpsa_chunked_equals_sequential(B, T, H, D, chunk, prior, seed, impo
         rel_rms(a, r, f"d{name}")
 
 
-
 def test_segment_decays_after_a_long_gap():
     """W[t, s] = exp(sum of log_a over s+1 .. t), exact to float32 rounding even after a step of
     -600 (a long time gap): differences of one cumulative sum would lose the small decays after it."""
@@ -252,7 +248,6 @@ def test_segment_decays_after_a_long_gap():
     exact = torch.stack([torch.tensor([[log_a[b, s + 1:i + 1].sum().exp() if s <= i else 0.0 for s in range(16)]
                                        for i in range(16)], dtype=torch.float64) for b in range(3)])
     assert ((W - exact).abs() <= 1e-6 * exact + 1e-30).all(), (W - exact).abs().max()  # exp(-600) is 0 in fp32
-
 
 
 def test_palimpsa_carried_state_is_the_papers_recurrence():
@@ -273,7 +268,6 @@ def test_palimpsa_carried_state_is_the_papers_recurrence():
     rel_rms(cram.palimpsa_scan_chunked(log_a, v, k, b, q, prior, 1.0, 4), torch.stack(ys, 1), "y")
 
 
-
 def test_palimpsa_paper_gates():
     """palimpsa_param="paper": the value is scaled by beta and the importance input is that same beta,
     and the decay is a_t = (1 - gamma_t / N)^dtau_t with gamma = sigmoid of the first gate."""
@@ -285,7 +279,6 @@ def test_palimpsa_paper_gates():
     rel_rms((log_a / dtau[..., None]).exp(), 1 - gamma / (1 + mem.N_raw.exp()), "a")
 
 
-
 def gated_linear_attention(log_a, v, k, q, scale):
     """The plain gated linear recurrence written as masked attention: y_t = scale sum_{s<=t}
     exp(sum_{s<u<=t} log_a_u) (q_t . k_s) v_s, per head. (B, T, H, D) -> (B, T, H, D)."""
@@ -293,7 +286,6 @@ def gated_linear_attention(log_a, v, k, q, scale):
     decay = (L[..., :, None] - L[..., None, :]).masked_fill(~torch.ones(L.shape[-1], L.shape[-1], dtype=torch.bool).tril(), -math.inf).exp()
     scores = torch.einsum("bthd,bshd->bhts", q, k) * decay
     return scale * torch.einsum("bhts,bshd->bthd", scores, v)
-
 
 
 def test_palimpsa_without_importance_is_gated_linear_attention():
@@ -305,7 +297,6 @@ def test_palimpsa_without_importance_is_gated_linear_attention():
     rel_rms(cram.palimpsa_scan_chunked(log_a, v, k, None, q, 1.0, 0.5, 5), gla, "y, b = None (mamba2)")
     mamba2 = cram.PalimpsaMemory(tiny_config(), metaplastic=False)
     assert mamba2.gates(torch.randn(1, 3, 16), torch.ones(1, 3))[2] is None  # no importance scanned
-
 
 
 def test_palimpsa_tends_to_gated_linear_attention_as_the_prior_grows():
@@ -321,7 +312,6 @@ def test_palimpsa_tends_to_gated_linear_attention_as_the_prior_grows():
     assert gap[10.0] > 0.01  # the importance does matter at a small prior
     for p in (10.0, 100.0):  # tenfold prior, tenfold smaller gap (1/I_prior, up to O(1/I_prior^2))
         assert 0.08 < gap[10 * p] / gap[p] < 0.12, gap
-
 
 
 @pytest.mark.parametrize("param", ["code", "paper"])
@@ -343,7 +333,6 @@ def test_palimpsa_importance_never_below_the_prior(param, scale, seed):
     assert torch.isfinite(mem(x, dtau)).all()
 
 
-
 def test_paper_mamba2_keeps_no_importance_state():
     """wm_kind=mamba2 is Palimpsa with b = 0 in both parametrisations: its output is the scan's
     with no importance at all."""
@@ -357,7 +346,6 @@ def test_paper_mamba2_keeps_no_importance_state():
     assert torch.allclose(cram_out, mem(x, dtau, scan=no_importance), atol=1e-6)
 
 
-
 def test_short_conv_memory_sees_exactly_the_last_three_tokens():
     """wm_kind="conv" (after Zoology's BaseConv, kernel 3): y_t changes with x_{t-2} .. x_t and with
     nothing earlier or later."""
@@ -369,7 +357,6 @@ def test_short_conv_memory_sees_exactly_the_last_three_tokens():
         x2[:, s] += 1.0
         changed = not torch.allclose(mem(x2)[:, t], y[:, t])
         assert changed == (t - 2 <= s <= t), (s, changed)
-
 
 
 def test_ctrnn_step_by_hand():
@@ -416,7 +403,6 @@ def test_routed_attention_equals_dense_on_routed_rows(B, H, T, D, window, p, see
         rel_rms(a, r, f"d{name}")
 
 
-
 def test_attention_work_is_proportional_to_routed_queries():
     """router_mode=fixed routes every k-th token: work falls by k, counted, not assumed."""
     x = random_inputs(tiny_config(), 2, 64)
@@ -429,7 +415,6 @@ def test_attention_work_is_proportional_to_routed_queries():
         assert counts[k]["queries"] == cfg.n_layer * 2 * (64 // k)
     # with a window of 8 every routed query costs at most 8 + its row's span of scores per head
     assert counts[16]["scores"] * 8 < counts[1]["scores"]
-
 
 
 @pytest.mark.parametrize("impl", ["dense", pytest.param("kernel", marks=needs_triton)])
@@ -460,7 +445,6 @@ def test_attention_impls_equal_the_twin_in_training(impl, mode):
         rel_rms(gb[name], ga[name], f"d {name}")
 
 
-
 def test_attention_impl_resolution(monkeypatch):
     """attn_impl="auto": dense SDPA when every token is routed, the Triton kernel on CUDA (triton
     present, heads <= 128), the twin otherwise; an explicit choice is kept as it is."""
@@ -479,7 +463,6 @@ def test_attention_impl_resolution(monkeypatch):
             CRAM(tiny_config(attn_impl="kernel"))
     finally:
         cram.triton_attention.cache_clear()
-
 
 
 @pytest.mark.parametrize("window", [1, 2, 5, 40])
@@ -505,9 +488,7 @@ def test_eval_model_mixes_tiers():
     assert (z.mean((0, 1, 2)) > 0.1).all(), z.mean((0, 1, 2))
 
 
-
 MODES = list(ROUTER_MODES)
-
 
 
 @pytest.mark.parametrize("mode,wm_kind", [(m, "gated") for m in MODES] + [("learned", "ctrnn"), ("fixed", "ctrnn"),
@@ -536,7 +517,6 @@ def test_causality(mode, wm_kind, seed, draws):
     assert not torch.allclose(b["logits"][:, t + 1:], a["logits"][:, t + 1:])  # the change did reach
 
 
-
 @given(B=st.integers(2, 4), T=st.integers(1, 30), seed=st.integers(0, 2**16),
        wm_kind=st.sampled_from(["gated", "palimpsa"]))
 def test_batch_independence(B, T, seed, wm_kind):
@@ -551,7 +531,6 @@ def test_batch_independence(B, T, seed, wm_kind):
         assert torch.equal(one["routing"]["z"][:, 0], full["routing"]["z"][:, i]), f"routing row {i}"
 
 
-
 @given(T=st.integers(1, 40), window=st.integers(1, 50), seed=st.integers(0, 2**16))
 @settings(max_examples=8)
 def test_always_routing_equals_dense_attention_model(T, window, seed):
@@ -563,12 +542,10 @@ def test_always_routing_equals_dense_attention_model(T, window, seed):
     rel_rms(twin(**x)["logits"], dense(**x)["logits"], "logits")
 
 
-
 def test_always_routes_every_token_in_evaluation_too():
     model = CRAM(tiny_config(router_mode="always")).eval()
     z = model(**random_inputs(model.cfg, 2, 9))["routing"]["z"]
     assert (z[..., cram.EPISODIC] == 1).all()
-
 
 
 def test_never_routing_does_no_attention_work():
@@ -590,7 +567,6 @@ def test_never_routing_does_no_attention_work():
     assert torch.equal(a, model(**x)["logits"])
 
 
-
 def test_no_semantic_mode_never_routes_to_semantic_memory():
     """router_mode="no_semantic" (an ablation row): the router chooses between W and E only, in
     training and in evaluation, while the same weights under "learned" do use S."""
@@ -603,7 +579,6 @@ def test_no_semantic_mode_never_routes_to_semantic_memory():
         assert z[..., cram.SEMANTIC].sum() == 0 and z[..., cram.EPISODIC].sum() > 0
 
 
-
 @pytest.mark.parametrize("T, k", [(7, 3), (10, 4), (5, 8), (16, 16)])
 def test_fixed_routing_attends_at_k_minus_1_every_k(T, k):
     """Every k-th token, counted from 1: positions k-1, 2k-1, ... (T need not be a multiple of k)."""
@@ -611,6 +586,35 @@ def test_fixed_routing_attends_at_k_minus_1_every_k(T, k):
     for row in z[..., cram.EPISODIC]:
         assert row.nonzero()[:, 0].tolist() == [t for t in range(T) if t % k == k - 1]
 
+
+def test_capacity_routes_its_budget_in_training_and_above_a_threshold_in_evaluation():
+    """router_mode=capacity: in training exactly ceil(budget T) tokens of each sequence run
+    attention in each layer, the ones the router scores highest, and the threshold moves toward the
+    lowest score picked; in evaluation attention runs where the score is above the threshold (a
+    causal rule: test_causality and the generation tests run this mode too)."""
+    cfg = tiny_config(router_mode="capacity", attn_budget=0.2, spot_check=0.0)
+    model = eval_model(cfg).train()
+    x = random_inputs(cfg, 3, 17)
+    before = [float(b.router.threshold) for b in model.blocks]
+    z = model(**x)["routing"]["z"][..., EPISODIC]                       # (L, B, T)
+    assert (z.sum(-1) == math.ceil(0.2 * 17)).all()
+    assert all(float(b.router.threshold) != t for b, t in zip(model.blocks, before))
+    model.eval()
+    for cut, share in ((math.inf, 0.0), (-math.inf, 1.0)):
+        for b in model.blocks:
+            b.router.threshold.fill_(cut)
+        assert model(**x)["routing"]["z"][..., EPISODIC].mean() == share
+
+
+def test_capacity_routing_trains_the_router_through_attentions_output():
+    """The router's score scales attention's output (MoD), so with no penalty and no other loss
+    on the router, the task loss alone moves its EPISODIC row; without that scale it would not."""
+    cfg = tiny_config(router_mode="capacity", w_consol=0.0, w_qhead=0.0, spot_check=0.0)
+    torch.manual_seed(0)
+    model = CRAM(cfg).train()
+    x = random_inputs(cfg, 2, 12)
+    model(**x, targets=torch.randint(0, cfg.vocab_size, (2, 12)))["loss"].backward()
+    assert all(float(b.router.logits.weight.grad[EPISODIC].abs().max()) > 0 for b in model.blocks)
 
 
 def test_transformer_baseline_is_position_aware():
@@ -629,7 +633,6 @@ def test_transformer_baseline_is_position_aware():
         model(**random_inputs(model.cfg, 1, 13))
 
 
-
 def test_learned_routing_runs_attention_only_for_routed_tokens_at_inference():
     cfg = tiny_config()
     model = eval_model(cfg)
@@ -638,7 +641,6 @@ def test_learned_routing_runs_attention_only_for_routed_tokens_at_inference():
     out = model(**x)
     routed = float(routing_stats(out["routing"])["attn_pair_frac"]) * 3 * 50 * cfg.n_layer
     assert 0 < cram.attention_work["queries"] == round(routed)
-
 
 
 def test_losses_are_finite_and_each_term_reported():
@@ -653,12 +655,11 @@ def test_losses_are_finite_and_each_term_reported():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-
-@pytest.mark.parametrize("penalty_q", [True, False])
-def test_router_starts_at_attn_prior_and_q_weighted_penalty(penalty_q):
+@pytest.mark.parametrize("mode", ["learned", "flat_penalty"])
+def test_router_starts_at_attn_prior_and_q_weighted_penalty(mode):
     """The router starts with P(E) = attn_prior; the q-weighted penalty charges nothing where
     q_hat ~ 0 (nothing consolidated) and the full P(E) where q_hat ~ 1; the flat one always P(E)."""
-    cfg = tiny_config(attn_prior=0.7, penalty_q=penalty_q)
+    cfg = tiny_config(attn_prior=0.7, router_mode=mode)
     torch.manual_seed(0)
     model = CRAM(cfg).train()
     x = random_inputs(cfg, 2, 30)
@@ -672,8 +673,7 @@ def test_router_starts_at_attn_prior_and_q_weighted_penalty(penalty_q):
         torch.manual_seed(1)  # the same Gumbel draws, so the same routes, in both calls
         charged[bias] = model(**x, targets=torch.full((2, 30), -1))["terms"]["compute"]
     assert abs(float(charged[30.0]) - 0.7) < 0.05, charged
-    assert charged[-30.0] < 1e-6 if penalty_q else abs(charged[-30.0] - charged[30.0]) < 1e-6
-
+    assert charged[-30.0] < 1e-6 if mode == "learned" else abs(charged[-30.0] - charged[30.0]) < 1e-6
 
 
 def test_the_compute_penalty_never_trains_the_q_head():
@@ -686,7 +686,6 @@ def test_the_compute_penalty_never_trains_the_q_head():
     heads = [b.router.q_head.weight for b in model.blocks]
     for g in torch.autograd.grad(loss, heads, allow_unused=True):
         assert g is None or float(g.abs().max()) == 0, "the compute penalty reaches the q-head"
-
 
 
 def test_consolidation_and_q_head_train_only_their_own_weights():
@@ -703,7 +702,6 @@ def test_consolidation_and_q_head_train_only_their_own_weights():
         moved = {n for n, p in block.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
         assert moved and all(n.startswith(owner) for n in moved), (term, sorted(moved))
         assert x.grad is None or x.grad.abs().sum() == 0, term
-
 
 
 def test_spot_checks_give_targets_but_never_reach_the_output():
@@ -732,7 +730,6 @@ def test_spot_checks_give_targets_but_never_reach_the_output():
     assert float(a["terms"]["consol"]) != float(b["terms"]["consol"])  # the targets did change
 
 
-
 def test_embedding_init_std_scales_the_default_draw():
     """--emb_std sets the token and position embeddings' init std (MQAR runs at 1.0): with the same
     seed they are 50x larger at 1.0 than at 0.02, and every other parameter is equal."""
@@ -746,7 +743,6 @@ def test_embedding_init_std_scales_the_default_draw():
     assert abs(models[1.0]["tok_emb.weight"].std().item() - 1.0) < 0.1
 
 
-
 def test_without_mlp_the_layer_is_the_three_tiers():
     """mlp=False (the paper's layer): no MLP and no LayerNorm in front of it, and a forward and
     backward still run."""
@@ -757,7 +753,6 @@ def test_without_mlp_the_layer_is_the_three_tiers():
     out = model(**random_inputs(cfg, 2, 9), targets=torch.randint(0, cfg.vocab_size, (2, 9)))
     out["loss"].backward()
     assert torch.isfinite(out["logits"]).all()
-
 
 
 def test_at_init_a_query_attends_to_the_binding_of_its_key():
@@ -784,7 +779,6 @@ def test_at_init_a_query_attends_to_the_binding_of_its_key():
     assert np.median(ratio) > 2, np.median(ratio)
 
 
-
 def test_token_model_and_one_line_input_errors():
     """CRAM(CramConfig()) is a token model: (B, T) ids in, logits out, no continuous inputs. Inputs
     that do not fit fail in one line that names the argument."""
@@ -803,7 +797,6 @@ def test_token_model_and_one_line_input_errors():
         assert "\n" not in str(e.value) and str(e.value).startswith("CRAM.forward:")
 
 
-
 def test_model_traces_under_torch_compile():
     """--compile on CUDA wraps the model in torch.compile; here TorchDynamo traces it (backend
     "eager": no code generation, so it runs on any CPU) and the loss equals the plain model's. The
@@ -815,7 +808,6 @@ def test_model_traces_under_torch_compile():
     compiled["loss"].backward()
     torch.manual_seed(1)
     rel_rms(compiled["loss"], model(**x)["loss"], "loss")
-
 
 
 def test_training_step_makes_no_host_sync_with_dense_attention(monkeypatch):
@@ -850,13 +842,10 @@ STEP_TOL = 1e-5
 CHUNK, WINDOW, FIXED_EVERY, LENGTH = 4, 8, 3, 16
 
 
-
 PROMPTS = {"1": 1, "chunk-1": CHUNK - 1, "chunk+1": CHUNK + 1, "past-window": WINDOW + 3}
 
 
-
-GEN_MODES = ("learned", "always", "never", "fixed")
-
+GEN_MODES = ("learned", "always", "never", "fixed", "capacity")
 
 
 def gen_model(wm_kind, router_mode, seed=0):
@@ -874,12 +863,10 @@ def gen_model(wm_kind, router_mode, seed=0):
     return model
 
 
-
 def gen_inputs(B, T, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randint(0, 40, (B, T, 2), generator=g), torch.rand(B, T, generator=g) * 2,
             torch.randn(B, T, 2, generator=g))
-
 
 
 def incremental(model, tokens, dtau, cont, prompt):
@@ -892,7 +879,6 @@ def incremental(model, tokens, dtau, cont, prompt):
     assert cache.pos == tokens.shape[1]
     return (torch.cat([o["logits"] for o in outs], 1), torch.cat([o["pred"] for o in outs], 1),
             torch.cat([o["routing"]["z"] for o in outs], 2))
-
 
 
 @pytest.mark.parametrize("prompt", PROMPTS.values(), ids=[f"prompt={p}" for p in PROMPTS])
@@ -921,7 +907,6 @@ def test_prefill_then_steps_equal_the_full_forward(wm_kind, mode, prompt):
         assert share == want
 
 
-
 @pytest.mark.parametrize("wm_kind", cram.WM_KINDS)
 def test_generation_keeps_batch_rows_independent(wm_kind):
     """Each row generated alone gives what it gives in a batch whose rows route differently."""
@@ -934,7 +919,6 @@ def test_generation_keeps_batch_rows_independent(wm_kind):
         alone, _, z_alone = incremental(model, tokens[row], dtau[row], cont[row], 5)
         assert torch.equal(z_alone, z[:, row])
         rel_rms(alone, logits[row], f"row {b}", tol=STEP_TOL)
-
 
 
 @pytest.mark.parametrize("wm_kind", cram.WM_KINDS)
@@ -952,7 +936,6 @@ def test_the_cache_does_not_grow_with_the_sequence(wm_kind):
     assert (state == 0) == (wm_kind == "none")
 
 
-
 def test_generation_misuse_fails_with_one_line():
     model = gen_model("gated", "learned")
     tokens, dtau, cont = gen_inputs(1, 4)
@@ -966,7 +949,6 @@ def test_generation_misuse_fails_with_one_line():
     _, cache = transformer.prefill(tokens, dtau, cont)
     with pytest.raises(ConfigError, match="n_positions=16"):
         transformer.step(tokens[:, :1], dtau[:, :1], cont[:, :1], cache)
-
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
@@ -997,12 +979,10 @@ def srcd(**kw):
     return data.make(dict(train.DEFAULTS, **kw))
 
 
-
 def class_ids(task, tokens):
     """SRCD's classes as one (b, n) array: 0 other, 1 recurring query, 2 novel query."""
     c = task.classes(tokens)
     return (c["recurring"].long() + 2 * c["novel"].long()).numpy()
-
 
 
 @given(n=st.integers(40, 600), query=st.floats(0.01, 0.2), recurring=st.floats(0, 1), seed=st.integers(0, 2**16),
@@ -1023,7 +1003,6 @@ def test_srcd_invariants(n, query, recurring, seed, shared, zipf):
                 assert tgt[i, t] == task.value0 + task.pool_values[list(task.pool_keys).index(tok[i, t, 0])]
     assert abs(task.n_recurring / task.n_query - recurring) <= 0.5 / task.n_query + 1e-9
     assert (batch["dtau"] > 0).all() and torch.isfinite(batch["pred_targets"]).all()
-
 
 
 def test_srcd_open_recurring_is_attended_or_wrong():
@@ -1047,7 +1026,6 @@ def test_srcd_open_recurring_is_attended_or_wrong():
     assert task.metrics(out, batch)["open_recurring"].item() == pytest.approx(expected)
 
 
-
 def test_srcd_recurring_keys_keep_their_value_and_novel_ones_do_not():
     task = srcd()
     batch = task.batch(64, np.random.default_rng(0))
@@ -1067,7 +1045,6 @@ def test_srcd_recurring_keys_keep_their_value_and_novel_ones_do_not():
     assert abs(task.floor - 0.05 * 0.3) < 0.002
 
 
-
 def test_srcd_zipf_pool_frequencies():
     """With srcd_zipf = s, pattern i recurs in proportion to i^-s; the theory's parameters follow."""
     task = srcd(srcd_zipf=1.5, srcd_pool=20)
@@ -1080,7 +1057,6 @@ def test_srcd_zipf_pool_frequencies():
     assert np.allclose(srcd().pool_p, 0.01)  # the default pool stays uniform
     with pytest.raises(ConfigError, match="srcd_zipf"):
         srcd(srcd_zipf=-1.0)
-
 
 
 def test_srcd_shared_keys_draws_the_pool_from_one_key_space():
@@ -1098,12 +1074,10 @@ def test_srcd_shared_keys_draws_the_pool_from_one_key_space():
     assert abs(shared.in_pool[low].mean() - shared.pool / len(space)) < 0.1        # spread evenly
 
 
-
 def test_srcd_pool_new_changes_exactly_those_bindings():
     old, new = srcd(), srcd(srcd_pool_new=50)
     assert (old.pool_values[:50] != new.pool_values[:50]).all() and (old.pool_values[50:] == new.pool_values[50:]).all()
     assert (old.pool_keys == new.pool_keys).all()
-
 
 
 @given(kv=st.integers(1, 16), extra=st.integers(0, 40), vocab=st.sampled_from([200, 1000, 8192]),
@@ -1135,7 +1109,6 @@ def test_mqar_follows_zoology(kv, extra, vocab, filler, seed):
             assert (row[rest] == 0).all()
 
 
-
 def test_mqar_queries_cluster_after_the_block():
     """p(g) ~ (g+1)^(a-1) with a = 0.01: most queries come early; a = 1 spreads them uniformly."""
     early = {}
@@ -1145,7 +1118,6 @@ def test_mqar_queries_cluster_after_the_block():
         g = (np.nonzero(tgt >= 0)[1] - 8) // 2
         early[a] = (g < task.space // 8).mean()
     assert early[0.01] > 0.5 and abs(early[1.0] - 1 / 8) < 0.05, early
-
 
 
 @pytest.mark.parametrize("name", list(data.DATASETS))
@@ -1185,7 +1157,6 @@ def test_short_training_lowers_the_loss(tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 20_000  # the run's plot (data.SRCD.plot)
 
 
-
 def test_resume_equals_uninterrupted_run_bit_for_bit(tmp_path):
     """A run stopped at step 4 and resumed equals the uninterrupted run: weights, metrics file,
     attn_frac_peak and summary.json (less its wall time). The warm-up ends at step 2 and the eval at
@@ -1213,7 +1184,6 @@ def test_resume_equals_uninterrupted_run_bit_for_bit(tmp_path):
     assert no_wall(json.load(open(a / "summary.json"))) == no_wall(json.load(open(b / "summary.json")))
 
 
-
 @pytest.mark.parametrize("dataset", ["srcd", "mqar", "tokens"])
 def test_resume_with_the_folder_alone_equals_the_uninterrupted_run(dataset, token_dir, tmp_path):
     """Run settings far from the defaults (schedule, batch, seed, intervals, data); the resume names
@@ -1228,7 +1198,6 @@ def test_resume_with_the_folder_alone_equals_the_uninterrupted_run(dataset, toke
     same_run(a, b)
 
 
-
 @pytest.mark.parametrize("flag", ["--seed=1", "--batch_size=8", "--learning_rate=1e6", "--srcd_len=64",
                                   "--eval_interval=2", "--max_iters=4", "--dataset=mqar", "--w_compute=0.1"])
 def test_resume_refuses_a_flag_that_contradicts_the_checkpoint(flag, tmp_path):
@@ -1238,12 +1207,10 @@ def test_resume_refuses_a_flag_that_contradicts_the_checkpoint(flag, tmp_path):
     assert str(e.value).startswith(flag.split("=")[0]) and "\n" not in str(e.value), str(e.value)
 
 
-
 def test_resume_may_extend_a_run_and_change_where_it_runs(tmp_path):
     train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--max_iters=4"])
     s = train.main([f"--out_dir={tmp_path}", "--resume", "--max_iters=6", "--threads=1", "--device=cpu"])
     assert s["steps"] == 6 and s["config"]["run"]["max_iters"] == 6 and s["config"]["run"]["srcd_len"] == 48
-
 
 
 def test_resume_takes_a_model_setting_the_checkpoint_lacks_at_its_default(tmp_path):
@@ -1259,7 +1226,6 @@ def test_resume_takes_a_model_setting_the_checkpoint_lacks_at_its_default(tmp_pa
     assert train.main(run + ["--resume", f"--emb_std={CramConfig.emb_std}"])["steps"] == 4
 
 
-
 def test_a_torn_metrics_line_does_not_block_a_resume(tmp_path):
     """A crash mid-write leaves half a record at the end of metrics.jsonl: the resume drops it."""
     run = TINY_RUN + ["--max_iters=8", "--ckpt_interval=3"]
@@ -1270,7 +1236,6 @@ def test_a_torn_metrics_line_does_not_block_a_resume(tmp_path):
         f.write('{"kind": "train", "step": 5, "lo')
     train.main([f"--out_dir={b}", "--resume"])
     same_run(tmp_path / "a", b)
-
 
 
 @pytest.mark.parametrize("target", ["metrics", "checkpoint"])
@@ -1310,7 +1275,6 @@ def test_a_failed_write_stops_in_one_line_and_the_run_resumes(target, tmp_path, 
     same_run(tmp_path / "a", b)
 
 
-
 def test_notebook_runs_continue_an_interrupted_run(tmp_path):
     """notebooks/runs.ensure, which the experiment notebooks train through: a run stopped midway
     (a session that ended) is continued from its checkpoint and ends as the uninterrupted run; a
@@ -1333,7 +1297,6 @@ def test_notebook_runs_continue_an_interrupted_run(tmp_path):
     assert done == json.load(open(tmp_path / "b" / "summary.json")) and open(tmp_path / "b" / "log.txt").read() == log
 
 
-
 @pytest.mark.parametrize("present", [["summary.json"], ["metrics.jsonl", "log.txt"], ["curves.png"]])
 def test_a_fresh_run_never_replaces_a_run_without_overwrite(present, tmp_path):
     for name in present:
@@ -1345,14 +1308,12 @@ def test_a_fresh_run_never_replaces_a_run_without_overwrite(present, tmp_path):
     assert "kept" not in (tmp_path / "log.txt").read_text()
 
 
-
 def test_a_fresh_run_never_deletes_files_that_are_not_a_runs(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "log.txt").write_text("old")
     with pytest.raises(ConfigError, match="not a train.py run's"):
         train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--max_iters=2", "--overwrite"])
     assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "log.txt").read_text() == "old"
-
 
 
 def test_overwrite_leaves_nothing_of_the_replaced_run(tmp_path, monkeypatch):
@@ -1368,7 +1329,6 @@ def test_overwrite_leaves_nothing_of_the_replaced_run(tmp_path, monkeypatch):
     with pytest.raises(train.TrainingError):
         train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--max_iters=4", "--overwrite"])
     assert not (tmp_path / "ckpt.pt").exists()
-
 
 
 def test_checkpoint_errors_and_no_lost_work(tmp_path):
@@ -1387,14 +1347,12 @@ def test_checkpoint_errors_and_no_lost_work(tmp_path):
         train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--resume=True"])
 
 
-
 class Payload:
     def __init__(self, path):
         self.path = path
 
     def __reduce__(self):
         return (os.system, (f"touch {self.path}",))
-
 
 
 def test_a_checkpoint_that_carries_code_is_refused_before_it_runs(tmp_path):
@@ -1412,7 +1370,6 @@ def test_a_checkpoint_that_carries_code_is_refused_before_it_runs(tmp_path):
     assert (tmp_path / "ran").exists()
 
 
-
 def test_a_checkpoint_with_flipped_bytes_is_refused(tmp_path):
     train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--max_iters=2", "--stop_iter=1"])
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
@@ -1422,14 +1379,12 @@ def test_a_checkpoint_with_flipped_bytes_is_refused(tmp_path):
         train.main([f"--out_dir={tmp_path}", "--resume"])
 
 
-
 def test_model_input_that_does_not_fit_the_settings_is_one_line(tmp_path):
     """Position embeddings shorter than the sequence: train.py stops with one line, no traceback."""
     r = subprocess.run([sys.executable, "train.py", *TINY_RUN, "--wm_kind=none", "--n_positions=40",
                         f"--out_dir={tmp_path}"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0, r.stderr[-1000:]
     assert r.stderr.startswith("error: CRAM.forward: 48 tokens") and "n_positions=40" in r.stderr
-
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -1459,14 +1414,12 @@ def test_bad_settings_raise_one_clear_error(tmp_path, argv, words):
     assert words in str(e.value) and "\n" not in str(e.value)
 
 
-
 def test_bad_config_values_raise_config_error():
     for kw, words in [(dict(n_head=0), "n_head"), (dict(n_embd="64"), "expected int"),
-                      (dict(penalty_q=1), "expected bool"), (dict(sem_rank=-1), "sem_rank"),
+                      (dict(mlp=1), "expected bool"), (dict(sem_rank=-1), "sem_rank"),
                       (dict(emb_std=0.0), "emb_std")]:
         with pytest.raises(ConfigError, match=words):
             CramConfig(**kw)
-
 
 
 def bad_token_dir(tmp_path, token_dir, what):
@@ -1485,7 +1438,6 @@ def bad_token_dir(tmp_path, token_dir, what):
         meta = json.loads((token_dir / "meta.json").read_text())
         (d / "meta.json").write_text(json.dumps({**meta, "vocab_size": 100}))
     return d
-
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -1531,19 +1483,15 @@ def test_every_bad_input_is_one_line_before_anything_is_removed(argv, words, tok
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-
 KEYS = sorted(train.DEFAULTS) + sorted(train.MODEL_KEYS) + ["resume", "nope", "", "=", "x y"]
-
 
 
 VALUES = st.one_of(st.integers(-10 ** 6, 10 ** 6), st.floats(allow_nan=True, allow_infinity=True), st.booleans(),
                    st.text(max_size=12), st.sampled_from(["1e400", "None", "[1]", "{}", "'a'", "(", "0x10", "-0"]))
 
 
-
 ARG = st.one_of(st.tuples(st.sampled_from(KEYS), VALUES).map(lambda kv: f"--{kv[0]}={kv[1]}"),
                 st.sampled_from(KEYS).map(lambda k: f"--{k}"), st.text(max_size=8))
-
 
 
 @settings(max_examples=150)
@@ -1560,12 +1508,10 @@ def test_any_command_line_starts_or_is_refused_in_one_line(argv):
         assert "\n" not in str(e) and str(e), str(e)
 
 
-
 def test_command_line_error_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "train.py", "--max_iters=x", f"--out_dir={tmp_path}"],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:")
-
 
 
 def test_help_lists_every_setting_with_its_meaning():
@@ -1579,12 +1525,10 @@ def test_help_lists_every_setting_with_its_meaning():
     assert subprocess.run([sys.executable, "train.py", "-h"], capture_output=True, cwd=ROOT).returncode == 0
 
 
-
 def test_bare_flag_sets_a_bool():
-    run, model = train.parse_args(["--resume", "--max_iters=3", "--penalty_q", "False", "--overwrite"])
+    run, model = train.parse_args(["--resume", "--max_iters=3", "--mlp", "False", "--overwrite"])
     assert run["resume"] is True and run["overwrite"] is True and run["max_iters"] == 3
-    assert model == {"penalty_q": False}
-
+    assert model == {"mlp": False}
 
 
 def test_the_window_defaults_to_the_sequence_and_a_shorter_one_is_said(tmp_path, capsys):
@@ -1593,7 +1537,6 @@ def test_the_window_defaults_to_the_sequence_and_a_shorter_one_is_said(tmp_path,
     train.main(TINY_RUN + [f"--out_dir={tmp_path / 'b'}", "--max_iters=1", "--window=32"])
     assert "note: window 32 < sequence length 48" in (tmp_path / "b" / "log.txt").read_text()
     assert CramConfig().window == 512 == data.SRCD().len  # the SRCD default run keeps its window
-
 
 
 def test_init_from_a_run_with_frozen_parts(tmp_path):
@@ -1611,14 +1554,12 @@ def test_init_from_a_run_with_frozen_parts(tmp_path):
         train.main(TINY_RUN + [f"--out_dir={tmp_path / 'y'}", f"--init_from={tmp_path / 'src'}", "--srcd_values=9"])
 
 
-
 def test_init_from_a_run_of_another_width_is_one_line(tmp_path):
     train.main(TINY_RUN + [f"--out_dir={tmp_path / 'src'}", "--max_iters=2"])
     with pytest.raises(ConfigError) as e:
         train.main(TINY_RUN + [f"--out_dir={tmp_path / 'new'}", "--max_iters=2", f"--init_from={tmp_path / 'src'}",
                                "--n_embd=32"])
     assert "its weights do not fit this model (--n_embd=32)" in str(e.value) and "\n" not in str(e.value)
-
 
 
 def test_nonfinite_loss_stops_in_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
@@ -1643,7 +1584,6 @@ def test_nonfinite_loss_stops_in_one_line_and_keeps_the_last_checkpoint(tmp_path
     assert ckpt["step"] == 3 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
 
-
 def test_nonfinite_gradient_stops_the_run_too(tmp_path, monkeypatch):
     """A finite loss with a non-finite gradient (seen as its norm) would write NaN weights: the
     step that made them is named and no checkpoint holds them."""
@@ -1658,7 +1598,6 @@ def test_nonfinite_gradient_stops_the_run_too(tmp_path, monkeypatch):
         train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--max_iters=20", "--ckpt_interval=3"])
 
 
-
 def test_the_learning_rate_schedule_warms_up_then_follows_the_cosine():
     c = train.SimpleNamespace(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
     lr = [train.get_lr(c, it) for it in range(111)]
@@ -1666,7 +1605,6 @@ def test_the_learning_rate_schedule_warms_up_then_follows_the_cosine():
     assert lr[10] == pytest.approx(1.0) and lr[60] == pytest.approx(0.55) and lr[110] == pytest.approx(0.1)
     assert lr[35] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 4)))
     assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
-
 
 
 def test_bf16_autocast_training_runs(tmp_path):
@@ -1690,7 +1628,6 @@ def test_prepare_keeps_every_token_in_order(tmp_path):
     assert enc.decode(got[:len(enc.encode_ordinary(texts[0]))].tolist()) == texts[0]
 
 
-
 def test_openwebtext_is_split_by_document(tmp_path, monkeypatch):
     docs = [" ".join(WORDS[:1 + i % 7]) for i in range(400)]
     monkeypatch.setattr(data, "read_documents", lambda source: (iter(docs), len(docs), 0.0005, []))
@@ -1700,7 +1637,6 @@ def test_openwebtext_is_split_by_document(tmp_path, monkeypatch):
     n_val = int((val == 256).sum())
     assert 20 <= n_val <= 60 and (train_ids == 256).sum() + n_val == 400  # about 10% of the documents
     assert val[-1] == 256 and meta["val_tokens"] == len(val)
-
 
 
 def test_preparation_errors_are_one_line(tmp_path, monkeypatch):
@@ -1719,7 +1655,6 @@ def test_preparation_errors_are_one_line(tmp_path, monkeypatch):
         train.main(TOKEN_RUN + [f"--data_dir={tmp_path / 'missing'}", f"--out_dir={tmp_path / 'run'}"])
 
 
-
 def test_preparation_refuses_empty_text_and_unwritable_folders(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(ConfigError, match="too little text"):
@@ -1733,13 +1668,11 @@ def test_preparation_refuses_empty_text_and_unwritable_folders(tmp_path, capsys)
     assert "not UTF-8 text" in capsys.readouterr().err
 
 
-
 def test_stdlib_source_is_the_interpreters_library_without_its_tests():
     files = [os.path.relpath(p, data.sysconfig.get_paths()["stdlib"]) for p in data.stdlib_files()]
     assert "json/__init__.py" in files and "os.py" in files and len(files) > 300
     assert not [f for f in files if "test" in f.split("/")[:-1] or f.split("/")[-1].startswith("test_")
                 or "site-packages" in f]
-
 
 
 def test_token_batches_read_their_split(tmp_path):
@@ -1758,7 +1691,6 @@ def test_token_batches_read_their_split(tmp_path):
         data.TokenFile(dir=str(tmp_path), len=500)
 
 
-
 def test_language_model_trains_on_token_files(token_dir, tmp_path):
     summary = train.main(TOKEN_RUN + [f"--data_dir={token_dir}", f"--out_dir={tmp_path}", "--max_iters=40",
                                       "--eval_interval=20", "--learning_rate=1e-2"])
@@ -1766,7 +1698,6 @@ def test_language_model_trains_on_token_files(token_dir, tmp_path):
     assert evals[-1]["ce"] < evals[0]["ce"] - 1.0, [r["ce"] for r in evals]  # from ln 257 = 5.5
     assert summary["val_loss"] == evals[-1]["ce"] and set(summary["attn_per_layer"]) == {"L0", "L1"}
     assert (tmp_path / "curves.png").exists()
-
 
 
 def test_config_file_then_flags(tmp_path):
@@ -1782,7 +1713,6 @@ def test_config_file_then_flags(tmp_path):
         train.parse_args([os.path.join(ROOT, path)])  # the shipped configs parse
 
 
-
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     """Two micro-batches of 4 give the weights of one batch of 8: SRCD draws sequence by sequence,
     every sequence has as many queries, and router_mode=always draws no noise."""
@@ -1790,7 +1720,6 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     train.main(run + [f"--out_dir={tmp_path / 'a'}", "--batch_size=4", "--gradient_accumulation_steps=2"])
     train.main(run + [f"--out_dir={tmp_path / 'b'}", "--batch_size=8"])
     assert_same_training(tmp_path / "a", tmp_path / "b")
-
 
 
 def assert_same_training(path_a, path_b):
@@ -1805,7 +1734,6 @@ def assert_same_training(path_a, path_b):
     assert moments and all(torch.allclose(x, y, rtol=1e-4, atol=1e-8) for x, y in moments)
 
 
-
 def torchrun(args, n=2):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
                         "train.py", *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
@@ -1813,7 +1741,6 @@ def torchrun(args, n=2):
     clues = [line for line in r.stderr.splitlines() if re.search(r"terminate|what\(\)|Error|abort|Traceback", line)]
     assert r.returncode == 0, "\n".join(clues[:20]) + "\n...\n" + r.stderr[-1500:]
     return r.stdout
-
 
 
 def test_torchrun_two_ranks_equal_one_process_and_resume(token_dir, tmp_path):
@@ -1831,7 +1758,6 @@ def test_torchrun_two_ranks_equal_one_process_and_resume(token_dir, tmp_path):
     assert summary["steps"] == 4
 
 
-
 def test_torchrun_errors_name_the_fix(tmp_path):
     env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29999")
     for flags, words in ((["--backend=nccl", "--device=cpu"], "use --backend=gloo"),
@@ -1839,7 +1765,6 @@ def test_torchrun_errors_name_the_fix(tmp_path):
         r = subprocess.run([sys.executable, "train.py", *flags, f"--out_dir={tmp_path}"],
                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
         assert r.returncode != 0 and words in r.stderr and r.stderr.count("\n") == 1, r.stderr
-
 
 
 def test_sample_from_a_language_model_run(token_dir, tmp_path):
@@ -1857,6 +1782,9 @@ def test_sample_from_a_language_model_run(token_dir, tmp_path):
         other = tmp_path / "srcd"
         train.main(TINY_RUN + [f"--out_dir={other}", "--max_iters=2"])
         sample.main([f"--out_dir={other}"])
+    for bad in ("--temperature=nan", "--temperature=-1", "--top_k=-3"):
+        with pytest.raises(ConfigError, match="--temperature"):
+            sample.main(args + [bad])
 
 
 # ---- probe.py -----------------------------------------------------------------------------------
@@ -1872,7 +1800,6 @@ class FakeAttention(torch.nn.Module):
         return u @ self.W + self.noise * torch.randn(*u.shape[:-1], self.W.shape[1], dtype=u.dtype)
 
 
-
 class FakeModel(torch.nn.Module):
     def __init__(self, W, noise):
         super().__init__()
@@ -1881,7 +1808,6 @@ class FakeModel(torch.nn.Module):
 
     def forward(self, u):
         return self.blocks[0].episodic(u)
-
 
 
 def test_probe_scores_a_linear_relation_and_noise():
@@ -1895,7 +1821,6 @@ def test_probe_scores_a_linear_relation_and_noise():
         assert s["share"] == 1.0 if noise == 0 else s["share"] < 0.9
     (s,) = probe.probe(FakeModel(0 * W, 1.0), fit_set, test_set)
     assert abs(s["r2"]) < 0.03 and s["share"] < 0.01  # nothing to predict
-
 
 
 def test_probe_reads_each_layers_attention(tmp_path):
@@ -1919,7 +1844,6 @@ def test_probe_reads_each_layers_attention(tmp_path):
     assert 0 < z[..., cram.EPISODIC].mean() < 1
 
 
-
 def test_probe_across_kept_checkpoints(token_dir, tmp_path):
     train.main(TOKEN_RUN + [f"--data_dir={token_dir}", f"--out_dir={tmp_path}", "--max_iters=4", "--ckpt_interval=2",
                             "--keep_checkpoints", "--router_mode=always", "--wm_kind=none", "--n_positions=32"])
@@ -1927,7 +1851,6 @@ def test_probe_across_kept_checkpoints(token_dir, tmp_path):
     assert [label for label, _ in rows] == ["step 2", "step 4"] and all(len(layers) == 2 for _, layers in rows)
     train.main(TOKEN_RUN + [f"--data_dir={token_dir}", f"--out_dir={tmp_path}", "--max_iters=2", "--overwrite"])
     assert probe.checkpoints(str(tmp_path)) == [str(tmp_path / "ckpt.pt")]  # a fresh run drops the old ones
-
 
 
 def test_probe_on_a_transformers_gpt2():
@@ -2228,7 +2151,6 @@ def test_memory_benchmark_times_every_form(tmp_path, capsys):
     assert len(json.load(open(tmp_path / "rows.json"))) == len(rows) and "palimpsa" in capsys.readouterr().out
 
 
-
 def test_generation_benchmark_quick(tmp_path):
     """bench.py --generate --quick runs in seconds and writes a row per (model, context, batch)."""
     path = tmp_path / "rows.json"
@@ -2253,9 +2175,7 @@ def families(draw, max_n=10):
     return theory.make_family(n, q, m, r=r, P=3, seed=draw(st.integers(0, 2**16)))
 
 
-
 chances = st.sampled_from([0.0, 0.1, 0.25, 0.5])  # c = 0 (wrong) or guessing among 10, 4, 2 values
-
 
 
 @settings(max_examples=100)
@@ -2271,7 +2191,6 @@ def test_theory_brute_force_never_below_bound(fam, delta, c):
     assert (attn >= fam.q * (acc - c) / (1 - c) - lb.TOL).all()
 
 
-
 @settings(max_examples=60)
 @given(fam=families(), c=chances, draws=st.data())
 def test_theory_bound_is_met(fam, c, draws):
@@ -2283,13 +2202,11 @@ def test_theory_bound_is_met(fam, c, draws):
     assert abs(least - a) < 1e-9, f"least {least} ({name}) != bound {a}"
 
 
-
 DEPLOY = {  # (K keys, P in the pool, q queries, R recurring, V values): every pool draw enumerated
     "K5-P2-q2-R1-V2": (5, 2, 2, 1, 2),
     "K6-P3-q3-R2-V2": (6, 3, 3, 2, 2),
     "K6-P2-q3-R1-V3": (6, 2, 3, 1, 3),
 }
-
 
 
 @pytest.mark.parametrize("inst", DEPLOY.values(), ids=DEPLOY.keys())
@@ -2315,7 +2232,6 @@ def test_theory_deployment_no_static_scheme_beats_the_bound(inst):
             assert abs(least - j) < 1e-6, (j, least, name)
 
 
-
 @pytest.mark.parametrize("wrong", lb.WRONG_BOUNDS, ids=list(lb.WRONG_BOUNDS))
 def test_theory_deployment_brute_force_catches_wrong_bounds(wrong):
     """The brute force could catch a wrong theorem: a bound one token too strong, or one that
@@ -2323,7 +2239,6 @@ def test_theory_deployment_brute_force_catches_wrong_bounds(wrong):
     d = theory.enumerate_pool_draws(*DEPLOY["K6-P3-q3-R2-V2"], n=9)
     assert lb.deployment_violations(d, lb.WRONG_BOUNDS[wrong], 1 / d.V, tables=100), \
         f"no static scheme beats the wrong bound '{wrong}'"
-
 
 
 def test_theory_deployment_brute_force_catches_a_leaky_generator():
@@ -2335,7 +2250,6 @@ def test_theory_deployment_brute_force_catches_a_leaky_generator():
     np.put_along_axis(leaky, np.argsort(~d.recurring, axis=1, kind="stable"), np.sort(d.keys, 1), 1)
     beaten = lb.deployment_violations(dataclasses.replace(d, keys=leaky), theory.deployment_bound, tables=0)
     assert "1 largest keys" in beaten, beaten  # route the largest key: the novel query
-
 
 
 @pytest.mark.parametrize("inst", DEPLOY.values(), ids=DEPLOY.keys())
@@ -2355,14 +2269,12 @@ def test_theory_deployment_consolidating_scheme_escapes(inst):
             assert math.isclose(attn, (1 - d.r) * theory.deployment_bound(d.n, d.f, d.r, 1 - acc, c))
 
 
-
 @settings(max_examples=20)
 @given(fam=families())
 def test_theory_consolidating_scheme_pays_novel_only(fam):
     for C, expected in [((), fam.q), (range(fam.P), (fam.queries & ~fam.recurring).sum(1).mean())]:
         attn, acc = lb.evaluate(fam, theory.consolidating_route(fam, C), consolidated=C)
         assert acc == 1.0 and math.isclose(attn, expected), (C, attn, expected)
-
 
 
 @settings(max_examples=20)
@@ -2379,7 +2291,6 @@ def test_theory_simulation_matches_closed_form(P, k, q, per_token, b, r, seed):
     assert np.abs(z).max() < 5, f"max |z| = {np.abs(z).max():.2f} at steps {steps}"
 
 
-
 @settings(max_examples=10)
 @given(n=st.integers(1, 50), f=st.floats(0.05, 1.0), r=st.floats(0.0, 0.99), P=st.integers(1, 200),
        k=st.integers(1, 5), b=st.integers(1, 8), t=st.integers(0, 200))
@@ -2387,7 +2298,6 @@ def test_theory_closed_form_matches_numpy_twin(n, f, r, P, k, b, t):
     exact = theory.at(theory.closed_form(), n=n, f=f, r=r, P=P, k=k, b=b, t=t)
     twin = theory.expected_attention([t], n, f, r, theory.uniform_pool(P), k, b)[0]
     assert math.isclose(exact, twin, rel_tol=1e-9, abs_tol=1e-12), (exact, twin)
-
 
 
 def test_theory_closed_form_limit():
@@ -2398,7 +2308,6 @@ def test_theory_closed_form_limit():
     # and numerically: long after the transition the count sits at the floor
     late = theory.expected_attention([10_000], 2000, 0.05, 0.7, theory.uniform_pool(100), 10, 1)[0]
     assert math.isclose(late, 0.05 * 0.3 * 2000, rel_tol=1e-9)
-
 
 
 @pytest.mark.parametrize("n, f, r, P, b", [(20, 0.1, 0.7, 100, 4), (512, 0.05, 0.7, 100, 16), (50, 0.2, 0.3, 7, 1)])
@@ -2416,7 +2325,6 @@ def test_theory_cumulative_excess_is_finite_and_at_least_one_query_per_pattern(n
     assert sp.limit(theory.cumulative_excess() / cons.P, cons.P, sp.oo) == 1
 
 
-
 def test_theory_zipf_gamma_derivation():
     gamma, C = theory.derive_tail()
     s = next(x for x in gamma.free_symbols if x.name == "s")
@@ -2432,7 +2340,6 @@ def test_theory_zipf_gamma_derivation():
     assert np.allclose(U / theory.tail_asymptote(M, s_, k, Z), 1, atol=0.02)
 
 
-
 @settings(max_examples=15)
 @given(s=st.floats(1.5, 3.0), k=st.integers(1, 5), seed=st.integers(0, 2**16))
 def test_theory_zipf_fitted_gamma(s, k, seed):
@@ -2443,7 +2350,6 @@ def test_theory_zipf_fitted_gamma(s, k, seed):
     # 0.03: the pool's finite end bends the tail (<= 0.025 at s = 1.5 on the exact expectation)
     # plus the replicas' noise; gamma = 1/s or s - 1 would miss by more than 0.1 here
     assert abs(fitted - theory.gamma_of_s(s)) < 0.03, (fitted, theory.gamma_of_s(s))
-
 
 
 @pytest.mark.parametrize("s", [1.5, 3.0])
@@ -2471,12 +2377,10 @@ def test_theory_power_law_window_finds_the_zipf_range_and_nothing_else(s):
     assert longer[1] > 2 * M_hi and math.isclose(longer[0], M_lo, rel_tol=0.05)
 
 
-
 def test_deployment_bound_is_never_negative():
     """Where delta exceeds what skipping can get wrong the bound is 0 attention, not negative."""
     assert theory.lower_bound.deployment_bound(100, 0.1, 0.7, 0.5) == 0.0
     assert theory.lower_bound.deployment_bound(100, 0.1, 0.7, 0.1) == pytest.approx((1 - 0.1 / 0.3) * 10)
-
 
 
 def test_fit_k_log_recovers_k_from_a_noisy_zipf_curve():
@@ -2507,7 +2411,6 @@ def test_mqar_notebook_parts_keep_each_others_cells():
     assert set(json.load(open(path))) == {"attention", "palimpsa (2 heads)"}
 
 
-
 @pytest.mark.parametrize("notebook", ["01_lower_bound.py", "02_consolidation.py", "03_srcd_curves.py",
                                       "04_srcd_ablations.py", "05_gpt2_redundancy.py", "06_srcd_transfer.py",
                                       "07_mqar.py", "08_zipf_gamma.py"])
@@ -2522,7 +2425,6 @@ def test_theory_notebook_runs(notebook):
     assert os.path.getsize(png) > 10_000  # a plot was written
     if notebook == "07_mqar.py":  # the whole table: every row but the ones run on request (hours each)
         assert "| palimpsa (2 heads) |" not in res.stdout and "| CRAM (palimpsa) |" in res.stdout
-
 
 
 def test_notebook_01_runs_as_a_notebook_through_a_jupyter_kernel(monkeypatch):

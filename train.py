@@ -70,8 +70,8 @@ keep_checkpoints = False # also keep each checkpoint as ckpt_<step>.pt (probe.py
 init_from = ""           # a run folder: start from its weights (its model settings; new optimizer)
 freeze = ""              # comma-separated parts of parameter names kept fixed, e.g. semantic,router
 attn_warmup = 0          # steps of attention forced on every token before the router is free:
-                         # the default router needs none (cram.py: attn_prior, penalty_q); kept for
-                         # the flat penalty (--penalty_q=False) and MQAR (RESULTS.md)
+                         # the default router needs none (cram.py: attn_prior, the q-weighted
+                         # penalty); kept for --router_mode=flat_penalty and MQAR (RESULTS.md)
 # -------------------------------------------------------------------------------------------
 RUN_DEFAULTS = {k: v for k, v in globals().items()
                 if not k.startswith("_") and isinstance(v, (int, float, str, bool))}

@@ -57,7 +57,7 @@ if SMALL:
 OUT = os.path.join(ROOT, "out", "notebooks", "ablations_small" if SMALL else "ablations")
 ROWS = {  # row name: its flags on top of CONFIG
     "CRAM (learned)": [],
-    "flat penalty": ["--penalty_q=False"],
+    "flat penalty": ["--router_mode=flat_penalty"],
     "no consolidation loss": ["--w_consol=0.0"],
     "no q input": ["--router_mode=no_q"],
     "no semantic tier": ["--router_mode=no_semantic"],

@@ -22,7 +22,10 @@ MODEL_DEFAULTS = {f.name: f.default for f in fields(CramConfig)}
 def same_settings(done_run, done_model, argv):
     """Whether a run's recorded settings are argv's. Settings added to the code after the run was
     trained count as their defaults; how a run was started (out_dir, threads, checkpoint spacing,
-    ...) and other datasets' settings do not count."""
+    ...) and other datasets' settings do not count. A run with a model setting the code no longer
+    has is another run (its checkpoint would not load)."""
+    if set(done_model) - set(MODEL_DEFAULTS):
+        return False
     run, model = train.parse_args(argv)
     ignored = (train.INVOCATION + ("threads", "ckpt_interval")
                + tuple(set(data.settings()) - set(data.setting_keys(run["dataset"]))))
