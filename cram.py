@@ -454,11 +454,11 @@ class Router(nn.Module):
         super().__init__()
         self.q_head = nn.Linear(cfg.n_embd, 1)
         self.logits = nn.Linear(cfg.n_embd + 1, 3)
-        self.attn_prior = cfg.attn_prior
-        if cfg.router_mode == "capacity":  # the causal cut of evaluation and generation; it starts
-            # at the EPISODIC logit's initial bias, where an untrained model's scores all are
-            bias = math.log(2 * cfg.attn_prior / (1 - cfg.attn_prior))
-            self.register_buffer("threshold", torch.tensor(bias))
+        # the initial P(EPISODIC); under capacity routing the EPISODIC logit is a score whose
+        # sigmoid scales attention's output, so it starts at 0, where that sigmoid learns fastest
+        self.attn_prior = None if cfg.router_mode == "capacity" else cfg.attn_prior
+        if cfg.router_mode == "capacity":  # the causal cut of evaluation and generation, from
+            self.register_buffer("threshold", torch.tensor(0.0))  # where the scores start
 
     def pick(self, score, budget):
         """Capacity routing, score (B, T) the EPISODIC logit -> (B, T) bool, the tokens that run
@@ -660,7 +660,8 @@ class CRAM(nn.Module):
         if isinstance(m, Router):  # start by assuming nothing is consolidated (q_hat ~ 0.12)
             nn.init.constant_(m.q_head.bias, -2.0)
             p = m.attn_prior  # softmax(0, b, 0)[EPISODIC] = p  <=>  b = log(2p / (1 - p))
-            nn.init.constant_(m.logits.bias[EPISODIC], math.log(2 * p / (1 - p)))
+            if p is not None:
+                nn.init.constant_(m.logits.bias[EPISODIC], math.log(2 * p / (1 - p)))
         if isinstance(m, EpisodicMemory):
             # W_q = W_k at init, std 1/sqrt(d): a repeated key then scores ||W_q u||^2 against its
             # binding from the first step, instead of ~0 like every other key. At init on SRCD a

@@ -1598,6 +1598,16 @@ def test_nonfinite_gradient_stops_the_run_too(tmp_path, monkeypatch):
         train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--max_iters=20", "--ckpt_interval=3"])
 
 
+def test_attention_warmup_holds_a_capacity_router_too(tmp_path):
+    """--attn_warmup forces attention on every token for its steps under router_mode=capacity as
+    under the paper's router; then each layer spends exactly its budget (spot checks off)."""
+    train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--max_iters=8", "--log_interval=1", "--attn_warmup=4",
+                           "--router_mode=capacity", "--attn_budget=0.25", "--spot_check=0.0"])
+    rows = [r for r in read_metrics(tmp_path) if r["kind"] == "train"]
+    assert all(r["attn_frac"] == 1.0 for r in rows if r["step"] <= 4)
+    assert all(r["L0_episodic"] == r["L1_episodic"] == 0.25 for r in rows if r["step"] > 4)
+
+
 def test_the_learning_rate_schedule_warms_up_then_follows_the_cosine():
     c = train.SimpleNamespace(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
     lr = [train.get_lr(c, it) for it in range(111)]

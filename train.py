@@ -776,7 +776,7 @@ def train(run, model_over, ckpt=None, rank=0, local=0, world=1):
 def loop(r, c, run, dev, rank, world):
     """The training loop: evaluate, step, watch for non-finite values, log, checkpoint."""
     master, watch = rank == 0, NonFinite(dev)
-    free_router = ROUTER_MODES[r.mcfg.router_mode].attention == "router"
+    free_router = ROUTER_MODES[r.mcfg.router_mode].attention in ("router", "budget")
     t_start = t_log = time.time()
     step_log, t_eval = r.step, 0.0  # the step and time of the last log line; eval time since then
     last = min(c.max_iters, c.stop_iter) if c.stop_iter >= 0 else c.max_iters
