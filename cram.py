@@ -37,6 +37,8 @@ Glossary, code name -> paper symbol; C is arXiv 2602.12204 (CRAM), P is arXiv 26
     eps            spot-check rate: extra attention targets during training (this code's;
                    Block says why)
     attn_frac      share of tokens that used attention in at least one layer (C, attention compute)
+    Router.pick    router_mode="capacity": Mixture-of-Depths' top-k (arXiv 2404.02258), the
+                   EPISODIC logit as the score, a threshold for causal decisions (this code's)
     PalimpsaMemory M_t = a_t M_{t-1} + v_t k_t^T, Ibar_t = a_t Ibar_{t-1} + b_t (k_t^2)^T,
                    mu_t = M_t / (Ibar_t + I_prior), y_t = mu_t q_t; b = 0 is Mamba2-style  (P)
 """

@@ -2423,7 +2423,7 @@ def test_mqar_notebook_parts_keep_each_others_cells():
 
 @pytest.mark.parametrize("notebook", ["01_lower_bound.py", "02_consolidation.py", "03_srcd_curves.py",
                                       "04_srcd_ablations.py", "05_gpt2_redundancy.py", "06_srcd_transfer.py",
-                                      "07_mqar.py", "08_zipf_gamma.py"])
+                                      "07_mqar.py", "08_zipf_gamma.py", "09_router_diagnosis.py"])
 def test_theory_notebook_runs(notebook):
     env = dict(os.environ, CRAM_NB_SMALL="1", MPLBACKEND="Agg")
     path = os.path.join(ROOT, "notebooks", notebook)

@@ -135,3 +135,46 @@ for name, rows in results.items():
                   f"{f('pE_other', '{:.2f}')} | {f('q_query', '{:.2f}')} | "
                   f"{f('grad_ce', '{:+.1e}')} | {f('grad_pen', '{:+.1e}')} | "
                   f"{f('grad_ce_other', '{:+.1e}')} | {f('grad_pen_other', '{:+.1e}')} |")
+
+# %% [markdown]
+# ## The claims, checked on these runs (RESULTS.md, "Why the router leaves attention")
+
+# %%
+if not SMALL:
+    at = {name: {r["step"]: r for r in rows} for name, rows in results.items()}
+    warm, cold = at["warm-up 500"], at["no warm-up"]
+    # released at step 500 with attention already worth something, the router leaves within
+    # 100 steps on queries and other tokens alike (0.05: "left", well below the 0.9 it starts at)
+    assert warm[500]["gain"] > 0.1 and all(layer["pE_query"] > 0.8 for layer in warm[500]["layers"])
+    assert all(max(layer["pE_query"], layer["pE_other"]) < 0.05 for layer in warm[600]["layers"])
+    # at release the penalty pushes E down on the other tokens harder than the task pulls it up on
+    # the queries, in every layer
+    assert all(layer["grad_pen_other"] > abs(layer["grad_ce"]) for layer in warm[500]["layers"])
+    # once it has left, the task gradient on the queries' E logits is orders of magnitude smaller
+    # than at release, and forcing attention back costs query loss
+    assert all(abs(layer["grad_ce"]) < 1e-3 * 4e-3 for layer in warm[1500]["layers"])
+    assert max(warm[s]["gain"] for s in (600, 700, 800, 900, 1000, 1500, 2000)) < 0
+    # without a warm-up it leaves before attention is worth anything
+    assert all(layer["pE_query"] < 0.05 for layer in cold[100]["layers"])
+    assert abs(cold[100]["gain"]) < 0.01
+
+# %% [markdown]
+# ## Plot: the router's P(E) on queries and what attention is worth, step by step
+
+# %%
+import matplotlib.pyplot as plt  # noqa: E402
+
+from theory.figures import save_figure  # noqa: E402
+
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+for ax, (name, rows) in zip(axes, results.items()):
+    steps = [r["step"] for r in rows]
+    for i in range(len(rows[0]["layers"])):
+        ax.plot(steps, [r["layers"][i]["pE_query"] for r in rows],
+                label=f"P(E) on queries, layer {i}")
+    ax.plot(steps, [r["gain"] for r in rows], "k--", label="attention's worth (nats of query loss)")
+    ax.axhline(0, color="0.7", lw=0.8)
+    ax.set(title=name, xlabel="step")
+axes[0].legend(fontsize=7)
+fig.tight_layout()
+save_figure(fig, "09_router_diagnosis")
