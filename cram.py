@@ -89,7 +89,9 @@ class CramConfig:
     ctrnn_steps: int = 2     # K, Euler steps per token of the paper's update
     router_mode: str = "learned"  # a row of ROUTER_MODES: learned, no_q, always, never, fixed, ...
     fixed_every: int = 16    # router_mode="fixed": attention on every k-th token of the sequence
-    attn_budget: float = 0.125  # router_mode="capacity": the share of each sequence on attention
+    attn_budget: float = 0.125  # capacity: the share of each sequence on attention; controlled:
+                                # the mean P(EPISODIC) the compute weight steers toward
+    budget_lr: float = 0.01  # router_mode="controlled": the dual step on the compute weight
     tau_start: float = 1.0   # Gumbel-softmax temperature, annealed to tau_end over training
     tau_end: float = 0.3     # the temperature at the end of training
     sigma2: float = 0.2      # sigma^2 in q = exp(-err / sigma^2), err the relative squared error:
@@ -129,6 +131,7 @@ class CramConfig:
             ("router_mode", self.router_mode in ROUTER_MODES, f"one of {tuple(ROUTER_MODES)}"),
             ("fixed_every", self.fixed_every > 0, "a positive int"),
             ("attn_budget", 0 < self.attn_budget <= 1, "in (0, 1]"),
+            ("budget_lr", self.budget_lr >= 0, ">= 0"),
             ("tau_start", self.tau_start > 0, "> 0"),
             ("tau_end", self.tau_end > 0, "> 0"),
             ("sigma2", self.sigma2 > 0, "> 0"),
@@ -414,7 +417,7 @@ class RouterMode:
     spot_checks: bool   # in training, a share eps of the other tokens also runs attention
     penalty: str        # compute penalty on P(EPISODIC): "q" charges it in proportion to q_hat
                         # (an unconsolidated retrieval keeps attention free), "flat" always,
-                        # "none" nothing
+                        # "controlled" flat with a weight steered to a budget, "none" nothing
     semantic: bool = True  # SEMANTIC is a tier the router may choose; False: the other two
 
 
@@ -440,6 +443,10 @@ ROUTER_MODES = {  # the paper's router, its ablations, and three baselines
     # attention cannot collapse, and the router learns which tokens fill it
     "capacity": RouterMode("budget", reads_q=True, consolidates=True, spot_checks=True,
                            penalty="none"),
+    # the paper's router with its compute weight a Lagrange multiplier, raised while the mean
+    # P(EPISODIC) is above attn_budget and lowered below it (dual ascent): a target, not a price
+    "controlled": RouterMode("router", reads_q=True, consolidates=True, spot_checks=True,
+                             penalty="controlled"),
 }
 
 
@@ -638,6 +645,8 @@ class CRAM(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.router_mode == "controlled":  # the multiplier starts at 0: no price until needed
+            self.register_buffer("compute_weight", torch.tensor(0.0))
         self.pred_head = nn.Linear(cfg.n_embd, cfg.n_pred) if cfg.n_pred else None
         self.apply(self._init)
         with torch.no_grad():  # scaled, not redrawn: the default draws the same numbers as before
@@ -726,8 +735,15 @@ class CRAM(nn.Module):
                 have = ~pred_targets.isnan()
                 err = torch.where(have, pred.float() - pred_targets.nan_to_num(), 0.0)
                 terms["mse"] = err.pow(2).sum() / have.sum().clamp_min(1)
+            w_compute = cfg.w_compute
+            if mode.penalty == "controlled":
+                w_compute = self.compute_weight.clone()  # this step's price; then the dual step
+                if self.training:
+                    with torch.no_grad():
+                        step = cfg.budget_lr * (terms["compute"].detach() - cfg.attn_budget)
+                        self.compute_weight.add_(step).clamp_(min=0)
             out["loss"] = (terms["ce"] + cfg.w_pred * terms["mse"] + cfg.w_consol * terms["consol"]
-                           + cfg.w_qhead * terms["qhead"] + cfg.w_compute * terms["compute"])
+                           + cfg.w_qhead * terms["qhead"] + w_compute * terms["compute"])
             out["terms"] = {k: v.detach() for k, v in terms.items()}
         return out
 

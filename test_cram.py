@@ -606,6 +606,26 @@ def test_capacity_routes_its_budget_in_training_and_above_a_threshold_in_evaluat
         assert model(**x)["routing"]["z"][..., EPISODIC].mean() == share
 
 
+def test_controlled_router_prices_attention_by_dual_ascent_toward_its_budget():
+    """router_mode=controlled: the compute weight starts at 0 and each training forward moves it
+    by budget_lr (mean P(EPISODIC) - attn_budget), never below 0; evaluation leaves it alone."""
+    cfg = tiny_config(router_mode="controlled", attn_budget=0.1, budget_lr=0.5)
+    torch.manual_seed(0)
+    model = CRAM(cfg).train()
+    x, y = random_inputs(cfg, 2, 12), torch.randint(0, cfg.vocab_size, (2, 12))
+    assert float(model.compute_weight) == 0
+    share = float(model(**x, targets=y)["terms"]["compute"])            # mean P(E), about 0.9
+    assert float(model.compute_weight) == pytest.approx(0.5 * (share - 0.1))
+    model.eval()
+    model(**x, targets=y)
+    assert float(model.compute_weight) == pytest.approx(0.5 * (share - 0.1))
+    model.train()
+    model.cfg = dataclasses.replace(cfg, attn_budget=1.0, budget_lr=5.0)  # now below the budget
+    for _ in range(3):
+        model(**x, targets=y)
+    assert float(model.compute_weight) == 0
+
+
 def test_capacity_routing_trains_the_router_through_attentions_output():
     """The router's score scales attention's output (MoD), so with no penalty and no other loss
     on the router, the task loss alone moves its EPISODIC row; without that scale it would not."""
