@@ -421,7 +421,7 @@ class RouterMode:
     semantic: bool = True  # SEMANTIC is a tier the router may choose; False: the other two
 
 
-ROUTER_MODES = {  # the paper's router, its ablations, and three baselines
+ROUTER_MODES = {  # the paper's router, its ablations, three baselines, two budgeted routers
     "learned": RouterMode("router", reads_q=True, consolidates=True, spot_checks=True,
                           penalty="q"),
     "no_q": RouterMode("router", reads_q=False, consolidates=True, spot_checks=True, penalty="q"),
@@ -440,7 +440,7 @@ ROUTER_MODES = {  # the paper's router, its ablations, and three baselines
     "fixed": RouterMode("every_k", reads_q=True, consolidates=True, spot_checks=False,
                         penalty="none"),
     # Mixture-of-Depths' capacity routing (arXiv 2404.02258): a fixed budget, so the share on
-    # attention cannot collapse, and the router learns which tokens fill it
+    # attention cannot collapse, and the router is left to learn which tokens fill it
     "capacity": RouterMode("budget", reads_q=True, consolidates=True, spot_checks=True,
                            penalty="none"),
     # the paper's router with its compute weight a Lagrange multiplier, raised while the mean
