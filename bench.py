@@ -61,6 +61,13 @@ def gpu_timer(fn):
     return ms, (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def write_json(rows, json_path):
+    """--json FILE: the rows a table printed, as a JSON list (nothing without a path)."""
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
 def print_table(rows, json_path=None):
     """One line per row: routed ms against dense ms, their ratio, the ideal 1/p, memory on a GPU."""
     print(f"{'device':6} {'impl':24} {'T':>6} {'p':>5} {'pass':8} {'ms':>9} {'ms_dense':>9} "
@@ -71,10 +78,8 @@ def print_table(rows, json_path=None):
         print(f"{r['device']:6} {r['impl']:24} {r['T']:6d} {'1/%d' % round(1 / r['p']):>5} "
               f"{r['pass_']:8} "
               f"{r['ms']:9.2f} {r['ms_dense']:9.2f} {r['ratio']:7.2f} {ideal:>5} {mem}")
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump([{("pass" if k == "pass_" else k): v for k, v in r.items()} for r in rows],
-                      f, indent=1)
+    write_json([{("pass" if k == "pass_" else k): v for k, v in r.items()} for r in rows],
+               json_path)
 
 
 def routed_positions(B, T, p, device):
@@ -215,9 +220,7 @@ def print_memories(rows, json_path=None):
         print(f"{r['device']:6} {r['memory']:17} {r['form']:10} {r['H']:2d} {r['B']:3d} "
               f"{r['T']:5d} {r['ms']:9.1f} "
               f"{r['us_per_token']:9.2f} {r['vs_gated']:8.2f} {mem:>7}")
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_json(rows, json_path)
 
 
 # (row name, config): CRAM with attention forced on every 64th token, the dense hybrid (the same
@@ -324,9 +327,7 @@ def generation_table(quick, wide, json_path):
                   f"{r['ms_per_step']:8.2f} {kib(r['state_KiB']):>13} {kib(r['kv_KiB']):>10}",
                   flush=True)
         rows += new
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_json(rows, json_path)
     return rows
 
 

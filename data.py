@@ -522,13 +522,13 @@ def stdlib_files():
 
 
 def read_documents(source):
-    """source -> (iterable of document strings, their number, the default val split, the files
-    read). "openwebtext" reads OpenWebText through the datasets library (a download of some 40 GB,
-    cached): its parquet export, since datasets 4 no longer runs the original loading script
-    (`load_dataset("openwebtext")` fails). "pydoc" is a small real corpus every Python ships:
-    pydoc's 79 help topics (English about Python, 0.46 MB). "stdlib" is the interpreter's standard
-    library source (stdlib_files, about 12 MB of Python). Anything else is a glob of text files,
-    one document each."""
+    """source -> (iterable of document strings, their number, the default val split, a list that
+    collects, as they are read, the files that are not UTF-8 text). "openwebtext" reads OpenWebText
+    through the datasets library (a download of some 40 GB, cached): its parquet export, since
+    datasets 4 no longer runs the original loading script (`load_dataset("openwebtext")` fails).
+    "pydoc" is a small real corpus every Python ships: pydoc's 79 help topics (English about Python,
+    0.46 MB). "stdlib" is the interpreter's standard library source (stdlib_files, about 12 MB of
+    Python). Anything else is a glob of text files, one document each."""
     if source == "openwebtext":
         try:
             from datasets import load_dataset
@@ -546,23 +546,15 @@ def read_documents(source):
         raise ConfigError(f"--source={source}: no file matches; give openwebtext, pydoc, stdlib "
                           "or a glob of text files ('texts/*.txt')")
 
-    def read(path):
+    not_text = []
+
+    def read(path):  # a bad byte becomes U+FFFD, and the file is noted so that prepare says so
         with open(path, encoding="utf-8", errors="replace") as fh:
-            return fh.read()
-    return map(read, paths), len(paths), 0.1, paths
-
-
-def not_text(paths):
-    """The files among paths that are not UTF-8 text (prepare reads them with U+FFFD in place of
-    each bad byte, which a user should hear about)."""
-    bad = []
-    for path in paths:
-        with open(path, "rb") as fh:
-            try:
-                fh.read().decode("utf-8")
-            except UnicodeDecodeError:
-                bad.append(path)
-    return bad
+            text = fh.read()
+        if "\ufffd" in text:
+            not_text.append(path)
+        return text
+    return map(read, paths), len(paths), 0.1, not_text
 
 
 def prepare(source, out_dir, encoding="gpt2", val_fraction=None, seed=2357):
@@ -575,20 +567,19 @@ def prepare(source, out_dir, encoding="gpt2", val_fraction=None, seed=2357):
     enc = get_encoding(encoding)
     if enc.n_vocab > 2 ** 16:
         raise ConfigError(f"--encoding={encoding}: {enc.n_vocab} tokens do not fit in uint16")
-    docs, n_docs, default_val, paths = read_documents(source)
+    docs, n_docs, default_val, not_text = read_documents(source)
     val_fraction = default_val if val_fraction is None else val_fraction
     if not 0 < val_fraction < 1:
         raise ConfigError(f"--val_fraction={val_fraction}: expected in (0, 1)")
-    bad = not_text(paths)
-    if bad:
-        print(f"note: {len(bad)} of {len(paths)} files are not UTF-8 text ({bad[0]}, ...): "
-              "each bad byte is read as U+FFFD", file=sys.stderr)
     by_document = source == "openwebtext"
     tmp = {split: os.path.join(out_dir, f"{split}.bin.tmp") for split in ("train", "val")}
     try:
         os.makedirs(out_dir, exist_ok=True)
         counts = write_tokens(docs, n_docs, enc, tmp, val_fraction if by_document else 0.0, seed,
                               source)
+        if not_text:
+            print(f"note: {len(not_text)} of {n_docs} files are not UTF-8 text ({not_text[0]}, "
+                  "...): each bad byte was read as U+FFFD", file=sys.stderr)
         if not by_document:  # move the last val_fraction of the tokens into val
             ids = np.fromfile(tmp["train"], np.uint16)
             cut = len(ids) - max(1, int(val_fraction * len(ids)))

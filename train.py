@@ -219,13 +219,9 @@ def check_run(run):
 
 def parse_args(argv):
     """argv -> (every run setting, the model settings given), or None for -h / --help; a fresh
-    run's view: what argv does not name is its default."""
-    if "-h" in argv or "--help" in argv:
-        return None
-    given, model = read_args(argv)
-    run = {**DEFAULTS, **given}
-    check_run(run)
-    return run, model
+    run's view, even with --resume: what argv does not name is its default."""
+    parsed = settings(argv, resume=False)
+    return parsed and parsed[:2]
 
 
 def resume_settings(given, model_over):
@@ -236,9 +232,8 @@ def resume_settings(given, model_over):
     saved = {**DEFAULTS, **ckpt["run"]}  # a setting newer than the checkpoint: its default
     for k, v in given.items():
         if k not in RESUME_MAY_CHANGE and saved[k] != v:
-            raise ConfigError(f"--{k}={v!r} differs from the checkpoint's {saved[k]!r}: "
-                              "a resumed run keeps its settings "
-                              f"(it may change {', '.join(RESUME_MAY_CHANGE)})")
+            raise ConfigError(f"--{k}={v!r} differs from the checkpoint's {saved[k]!r}: a resumed "
+                              "run keeps its settings (--help lists the few it may change)")
     for k, v in model_over.items():
         was = ckpt["model_args"].get(k, getattr(CramConfig, k))
         if was != v and k not in RESUME_MAY_CHANGE:
@@ -248,18 +243,18 @@ def resume_settings(given, model_over):
         raise ConfigError(f"--max_iters={given['max_iters']} is below the run's "
                           f"{saved['max_iters']}: a resume may extend a run, not shorten it "
                           "(use --stop_iter to stop early)")
-    run = {**saved, **{k: DEFAULTS[k] for k in INVOCATION}, **{k: v for k, v in given.items()}}
+    run = {**saved, **{k: DEFAULTS[k] for k in INVOCATION}, **given}
     check_run(run)
     return run, model_over, ckpt
 
 
-def settings(argv):
+def settings(argv, resume=True):
     """argv -> (run, model overrides, the checkpoint to resume or None), every setting checked, or
     None for --help. Nothing is built and nothing is written."""
     if "-h" in argv or "--help" in argv:
         return None
     given, model_over = read_args(argv)
-    if given.get("resume"):
+    if resume and given.get("resume"):
         return resume_settings(given, model_over)
     run = {**DEFAULTS, **given}
     check_run(run)
@@ -523,8 +518,8 @@ class RunLog:
     line."""
 
     def __init__(self, out_dir, master):
-        self.master, self.log, self.metrics = master, *(os.path.join(out_dir, n)
-                                                        for n in ("log.txt", "metrics.jsonl"))
+        self.master = master
+        self.log, self.metrics = (os.path.join(out_dir, n) for n in ("log.txt", "metrics.jsonl"))
 
     def append(self, path, text):
         try:
@@ -551,9 +546,10 @@ class RunLog:
             for line in f:
                 try:
                     r = json.loads(line)
-                except ValueError:
+                    keep = r["step"] < step or (r["kind"] == "train" and r["step"] == step)
+                except (ValueError, TypeError, KeyError):
                     break  # torn: nothing after it was written whole
-                if r["step"] < step or (r["kind"] == "train" and r["step"] == step):
+                if keep:
                     kept.append(line if line.endswith("\n") else line + "\n")
         try:
             with open(self.metrics, "w") as f:
@@ -579,16 +575,19 @@ def setup_device(c, local, world):
     return dev, dtype, autocast
 
 
+def dataset_sizes(task):
+    """The model sizes a dataset decides (SET_BY_DATA)."""
+    return {k: getattr(task, k) for k in SET_BY_DATA}
+
+
 def model_config(c, task, model_over, ckpt, source):
     """The model's settings: the checkpoint's (resume) or the source run's (--init_from) under the
     overrides, else the overrides on the defaults with the dataset's sizes. The attention window
     defaults to the dataset's sequence length, so every token can reach back to the start."""
-    sizes = dict(vocab_size=task.vocab_size, n_cont=task.n_cont, n_pred=task.n_pred)
     base = ckpt or source
-    if base:  # a resumed run keeps its model but not its attn_impl (the same math), which
-              # may not exist here
+    if base:  # its model, but not its attn_impl (the same math), which may not exist here
         return CramConfig(**{**base["model_args"], "attn_impl": CramConfig.attn_impl, **model_over})
-    return CramConfig(**{"window": task.len, **model_over, **sizes})
+    return CramConfig(**{"window": task.len, **model_over, **dataset_sizes(task)})
 
 
 def check_model(c, mcfg, task, dev, source):
@@ -598,7 +597,7 @@ def check_model(c, mcfg, task, dev, source):
     if mcfg.attn_impl == "kernel" and not (dev.startswith("cuda") or interpreted):
         raise ConfigError(f"--attn_impl=kernel runs on CUDA (or with TRITON_INTERPRET=1, slowly); "
                           f"on {dev} use --attn_impl=auto")
-    sizes = dict(vocab_size=task.vocab_size, n_cont=task.n_cont, n_pred=task.n_pred)
+    sizes = dataset_sizes(task)
     if source and any(getattr(mcfg, k) != v for k, v in sizes.items()):
         raise ConfigError(f"--init_from={c.init_from}: its model reads "
                           f"{dict((k, getattr(mcfg, k)) for k in sizes)}, this dataset {sizes}: "
@@ -616,8 +615,7 @@ def build(c, run, model_over, ckpt, dev, rank, local, world, say_note):
         say_note(f"note: window {mcfg.window} < sequence length {task.len}: attention cannot reach "
                  f"tokens more than {mcfg.window} back")
     torch.manual_seed(c.seed)
-    raw_model = CRAM(mcfg).to(dev)  # the checkpoint holds its weights; model may be its
-                                    # compiled form
+    raw_model = CRAM(mcfg).to(dev)  # what checkpoints hold; `model` may be its compiled form
     if source:
         try:
             raw_model.load_state_dict(source["model"])
@@ -677,12 +675,12 @@ def rng_states(dev, world):
     return states
 
 
-def train_step(r, c, step, tau, warm, dev, rank, world):
+def train_step(r, c, tau, warm, dev, rank, world):
     """One optimizer step over the global batch (gradient_accumulation_steps micro-batches, drawn in
     one order on every rank, each rank computing its share) -> (last output, its batch, grad
     norm)."""
     for group in r.opt.param_groups:
-        group["lr"] = get_lr(c, step)
+        group["lr"] = get_lr(c, r.step)
     r.opt.zero_grad(set_to_none=True)
     accum = c.gradient_accumulation_steps // world  # this rank's micro-steps
     for micro in range(c.gradient_accumulation_steps):
@@ -787,13 +785,12 @@ def loop(r, c, run, dev, rank, world):
             evaluation(r, "always" if warm else None, free=not warm)
             t_eval += time.time() - t0
         tau = router_tau(r.mcfg, (r.step - c.attn_warmup) / max(1, c.max_iters - c.attn_warmup))
-        out, batch, grad_norm = train_step(r, c, r.step, tau, warm, dev, rank, world)
+        out, batch, grad_norm = train_step(r, c, tau, warm, dev, rank, world)
         r.step += 1  # from here on, `step` counts the updates made, as the log lines do
         watch.update(r.step, {**out["terms"], "grad_norm": grad_norm})
         logs = r.step % c.log_interval == 0 or r.step == c.max_iters
         saves = r.step % c.ckpt_interval == 0 or r.step == last
-        if logs or saves or r.step % c.eval_interval == 0:  # the host reads values:
-                                                            # check them first
+        if logs or saves or r.step % c.eval_interval == 0:  # the host reads: check first
             try:
                 watch.check(r.ckpt_step)
             except TrainingError as e:
@@ -833,10 +830,11 @@ def checkpoint(r, c, run, dev, world, wall):
             rng=dict(numpy=r.rng.bit_generator.state, **states[0],
                      ranks=states if world > 1 else None)))
         if c.keep_checkpoints:
+            kept = os.path.join(c.out_dir, f"ckpt_{r.step}.pt")
             try:
-                shutil.copyfile(path, os.path.join(c.out_dir, f"ckpt_{r.step}.pt"))
+                shutil.copyfile(path, kept)
             except OSError as e:
-                raise WriteError(os.path.join(c.out_dir, f"ckpt_{r.step}.pt"), e) from None
+                raise WriteError(kept, e) from None
     r.ckpt_step = r.step
 
 
