@@ -39,6 +39,8 @@ Glossary, code name -> paper symbol; C is arXiv 2602.12204 (CRAM), P is arXiv 26
     attn_frac      share of tokens that used attention in at least one layer (C, attention compute)
     Router.pick    router_mode="capacity": Mixture-of-Depths' top-k (arXiv 2404.02258), the
                    EPISODIC logit as the score, a threshold for causal decisions (this code's)
+    Sensitivity    router_mode="measured": the score regressed on log |dL/dh_t . r_E_t|, how far
+                   attention's output at t moves the loss, where attention ran (this code's)
     PalimpsaMemory M_t = a_t M_{t-1} + v_t k_t^T, Ibar_t = a_t Ibar_{t-1} + b_t (k_t^2)^T,
                    mu_t = M_t / (Ibar_t + I_prior), y_t = mu_t q_t; b = 0 is Mamba2-style  (P)
 """
@@ -99,7 +101,8 @@ class CramConfig:
     spot_check: float = 0.03 # eps: share of non-routed tokens that still run attention in training
     w_pred: float = 1.0      # loss weight of the regression (dynamics MSE)
     w_consol: float = 1.0    # loss weight of consolidation ||f_sem - sg(r_E)||^2
-    w_qhead: float = 0.1     # loss weight of the q-head's BCE toward sg(q)
+    w_qhead: float = 0.1     # loss weight of the q-head's BCE toward sg(q), and of the measured
+                             # score's regression (router_mode=measured): the router's probes
     w_compute: float = 0.5   # loss weight of the compute penalty on the router's P(EPISODIC)
     attn_prior: float = 0.9  # the router's initial P(EPISODIC): attention use starts high
                              # With q_hat, retrievals semantic memory cannot answer keep
@@ -419,9 +422,12 @@ class RouterMode:
                         # (an unconsolidated retrieval keeps attention free), "flat" always,
                         # "controlled" flat with a weight steered to a budget, "none" nothing
     semantic: bool = True  # SEMANTIC is a tier the router may choose; False: the other two
+    score: str = "gate"    # how a "budget" router's score learns: "gate", its sigmoid scales
+                           # attention's output (MoD); "measured", a regression on the measured
+                           # sensitivity of the loss to attention's output (Sensitivity)
 
 
-ROUTER_MODES = {  # the paper's router, its ablations, three baselines, two budgeted routers
+ROUTER_MODES = {  # the paper's router, its ablations, three baselines, three budgeted routers
     "learned": RouterMode("router", reads_q=True, consolidates=True, spot_checks=True,
                           penalty="q"),
     "no_q": RouterMode("router", reads_q=False, consolidates=True, spot_checks=True, penalty="q"),
@@ -443,8 +449,13 @@ ROUTER_MODES = {  # the paper's router, its ablations, three baselines, two budg
     # attention cannot collapse, and the router is left to learn which tokens fill it
     "capacity": RouterMode("budget", reads_q=True, consolidates=True, spot_checks=True,
                            penalty="none"),
+    # the same budget, the score taught by a target measured where attention ran: the tokens whose
+    # loss attention's output moves most, helping or not yet (a query before attention can recall)
+    "measured": RouterMode("budget", reads_q=True, consolidates=True, spot_checks=True,
+                           penalty="none", score="measured"),
     # the paper's router with its compute weight a Lagrange multiplier, raised while the mean
-    # P(EPISODIC) is above attn_budget and lowered below it (dual ascent): a target, not a price
+    # P(EPISODIC) is above attn_budget and lowered below it, through 0 to a subsidy (dual ascent):
+    # a target, not a price
     "controlled": RouterMode("router", reads_q=True, consolidates=True, spot_checks=True,
                              penalty="controlled"),
 }
@@ -463,10 +474,11 @@ class Router(nn.Module):
         super().__init__()
         self.q_head = nn.Linear(cfg.n_embd, 1)
         self.logits = nn.Linear(cfg.n_embd + 1, 3)
-        # the initial P(EPISODIC); under capacity routing the EPISODIC logit is a score whose
-        # sigmoid scales attention's output, so it starts at 0, where that sigmoid learns fastest
-        self.attn_prior = None if cfg.router_mode == "capacity" else cfg.attn_prior
-        if cfg.router_mode == "capacity":  # the causal cut of evaluation and generation, from
+        mode = ROUTER_MODES[cfg.router_mode]
+        # the initial P(EPISODIC); under a budget the EPISODIC logit is a score whose sigmoid
+        # scales attention's output (or a regression), so it starts at 0, where that learns fastest
+        self.attn_prior = None if mode.attention == "budget" else cfg.attn_prior
+        if mode.attention == "budget":  # the causal cut of evaluation and generation, from
             self.register_buffer("threshold", torch.tensor(0.0))  # where the scores start
 
     def pick(self, score, budget):
@@ -491,7 +503,39 @@ class Router(nn.Module):
         autocast-safe BCE."""
         q_logit = self.q_head(u.detach()).squeeze(-1)
         q_in = torch.sigmoid(q_logit).detach() if reads_q else torch.zeros_like(q_logit)
-        return self.logits(torch.cat([u, q_in[..., None].to(u.dtype)], -1)), q_logit
+        x = torch.cat([u, q_in[..., None].to(u.dtype)], -1)
+        logits = self.logits(x)
+        return logits, q_logit
+
+
+class Sensitivity(torch.autograd.Function):
+    """The identity on the residual stream h (B, T, d) after attention, whose backward pass also
+    measures, at each token where attention ran, s_t = log |dL/dh_t . r_E_t|: to first order how
+    far adding attention's output r_E_t there moves the loss (picked or spot check alike, since
+    dL/dh_t exists at every token). The score gets the gradient of weight * mean over those tokens
+    of (score - s_hat)^2 / 2, s_hat being s standardised over them (top-k only needs the order, and
+    the loss's scale drifts over training). The measurement needs the backward pass, so the target
+    is taught in it, with no second forward."""
+
+    @staticmethod
+    def forward(ctx, h, r_E, score, ran, weight):
+        ctx.save_for_backward(r_E, score, ran)
+        ctx.weight = weight
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, g):
+        r_E, score, ran = ctx.saved_tensors
+        m = ran.float()
+        n = m.sum()
+        if n < 2:
+            return g, None, torch.zeros_like(score), None, None
+        s = (g.float() * r_E.float()).sum(-1).abs().clamp_min(1e-30).log()       # (B, T)
+        s = torch.where(ran, s, 0.0)  # r_E is not computed elsewhere (kernel: any value)
+        mean = s.sum() / n
+        std = (torch.where(ran, s - mean, 0.0).pow(2).sum() / (n - 1)).sqrt().clamp_min(1e-6)
+        grad = torch.where(ran, score - (s - mean) / std, 0.0)
+        return g, None, ctx.weight * grad / n, None, None
 
 
 def route(logits, mode, tau, training, fixed_every, offset=0, picked=None):
@@ -568,11 +612,12 @@ class Block(nn.Module):
         self.router = Router(cfg)
         self.mlp = MLP(cfg) if cfg.mlp else None
 
-    def forward(self, x, dtau, tau, mode, losses=True, cache=None, pos=0):
+    def forward(self, x, dtau, tau, mode, losses=True, cache=None, pos=0, share=None):
         """x: (B, T, d), dtau: (B, T) time gaps, mode: a RouterMode -> (B, T, d), this layer's loss
         terms (0-dim tensors; none unless losses) and its routing: z (B, T, 3) and q_hat (B, T),
         detached. cache: in generation, this layer's LayerCache, updated in place; pos: the
-        absolute position of x's first token."""
+        absolute position of x's first token; share: the budget router's share of tokens on
+        attention for this call (cfg.attn_budget when None)."""
         cfg = self.cfg
         if self.wm is None:  # "none": a transformer block
             h = x
@@ -586,16 +631,27 @@ class Block(nn.Module):
         # fp32 under autocast: bf16 Gumbel draws tie
         logits, q_hat = logits.float(), torch.sigmoid(q_logit.float())
         budget = mode.attention == "budget"
-        picked = self.router.pick(logits[..., EPISODIC], cfg.attn_budget) if budget else None
+        share = cfg.attn_budget if share is None else share
+        picked = self.router.pick(logits[..., EPISODIC], share) if budget else None
         z = route(logits, mode, tau, self.training, cfg.fixed_every, pos, picked)
-        ran = z[..., EPISODIC] > 0                                       # attention runs, (B, T)
+        routed = z[..., EPISODIC] > 0
+        spot = torch.zeros_like(routed)       # attention runs there too, its output not added
         if self.training and mode.spot_checks and cfg.spot_check > 0:
-            ran = ran | (torch.rand(ran.shape, device=x.device) < cfg.spot_check)
+            spot = ~routed & (torch.rand(routed.shape, device=x.device) < cfg.spot_check)
+        ran = routed | spot                                              # attention runs, (B, T)
         r_E = self.episodic(u, ran, mode.attention == "all", cache, pos)           # (B, T, d)
         f_sem = self.semantic(u)                                                 # (B, T, d)
-        z_E = z[..., EPISODIC]  # under "budget" scaled by the router's score (MoD): its gradient
-        z_E = z_E * torch.sigmoid(logits[..., EPISODIC]) if budget else z_E
+        z_E = z[..., EPISODIC]
+        if budget and mode.score == "gate":  # the score scales attention's output (MoD), so the
+            # task loss teaches it
+            gate = torch.sigmoid(logits[..., EPISODIC])
+            # where attention ran but was not picked, gate - sg(gate) adds nothing yet sends the
+            # score dL/d(output) . r_E, what attention would have been worth there: without it a
+            # token left out of the top-k never learns that it should have been in
+            z_E = z_E * gate + spot * (gate - gate.detach())
         h = h + (z_E[..., None] * r_E + z[..., SEMANTIC, None] * f_sem).to(h.dtype)
+        if budget and mode.score == "measured" and self.training and losses:
+            h = Sensitivity.apply(h, r_E.detach(), logits[..., EPISODIC], ran, cfg.w_qhead)
         out = h + self.mlp(self.ln3(h)) if self.mlp is not None else h
         routing = dict(z=z.detach().float(), q_hat=q_hat.detach().float())
         if not losses:  # inference: no consolidation targets to compare, nothing to charge
@@ -645,7 +701,7 @@ class CRAM(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        if cfg.router_mode == "controlled":  # the multiplier starts at 0: no price until needed
+        if cfg.router_mode == "controlled":  # the multiplier starts at 0: no price or subsidy
             self.register_buffer("compute_weight", torch.tensor(0.0))
         self.pred_head = nn.Linear(cfg.n_embd, cfg.n_pred) if cfg.n_pred else None
         self.apply(self._init)
@@ -684,7 +740,7 @@ class CRAM(nn.Module):
                 m.kv_proj.weight[:d].copy_(m.q_proj.weight)
 
     def forward(self, tokens, dtau=None, cont=None, targets=None, pred_targets=None, tau=1.0,
-                router_mode=None, cache=None):
+                router_mode=None, cache=None, share=None):
         """
         tokens: (B, T) ids, or (B, T, S) with S token slots per position whose embeddings are
         summed (SRCD puts key and value of a binding at one position); dtau: (B, T) time gaps
@@ -697,6 +753,8 @@ class CRAM(nn.Module):
         also loss (scalar) and terms (each loss term, a detached 0-dim tensor). Nothing here
         copies a value to the host: the caller reads what it logs, when it logs. cache: a Cache,
         for generation (prefill, step): x's tokens follow the cache's, which takes x's in place.
+        share: the budgeted routers' share of tokens on attention for this call, attn_budget when
+        None (train.py's schedule lowers it from 1 to the budget: --attn_warmup, --attn_anneal).
         """
         pos = 0 if cache is None else cache.pos                 # the absolute position of token 0
         self.check_inputs(tokens, dtau, cont, targets, pred_targets, cache)
@@ -715,7 +773,8 @@ class CRAM(nn.Module):
         terms, routing = {}, []
         for i, block in enumerate(self.blocks):
             x, t, r = block(x, dtau, tau, mode, losses=targets is not None,
-                            cache=None if cache is None else cache.layers[i], pos=pos)
+                            cache=None if cache is None else cache.layers[i], pos=pos,
+                            share=share)
             terms = {k: terms.get(k, 0) + v for k, v in t.items()}
             routing.append(r)
         if cache is not None:
@@ -738,10 +797,11 @@ class CRAM(nn.Module):
             w_compute = cfg.w_compute
             if mode.penalty == "controlled":
                 w_compute = self.compute_weight.clone()  # this step's price; then the dual step
-                if self.training:
+                if self.training:  # two-sided: below the target the weight turns negative, a
+                    # subsidy, so the share is held at the target rather than only capped by it
+                    target = cfg.attn_budget if share is None else share
                     with torch.no_grad():
-                        step = cfg.budget_lr * (terms["compute"].detach() - cfg.attn_budget)
-                        self.compute_weight.add_(step).clamp_(min=0)
+                        self.compute_weight.add_(cfg.budget_lr * (terms["compute"] - target))
             out["loss"] = (terms["ce"] + cfg.w_pred * terms["mse"] + cfg.w_consol * terms["consol"]
                            + cfg.w_qhead * terms["qhead"] + w_compute * terms["compute"])
             out["terms"] = {k: v.detach() for k, v in terms.items()}

@@ -21,6 +21,8 @@ modelling, probe.py, kernel.py, bench.py, theory, notebooks):
 | the output at t does not depend on the future | test_causality |
 | batch rows are independent | test_batch_independence, test_generation_keeps_batch_rows_independent |
 | each loss trains only its own weights | test_consolidation_and_q_head_train_only_their_own_weights, test_the_compute_penalty_never_trains_the_q_head |
+| budgeted routers spend their share, on a schedule | test_capacity_routes_its_budget_in_training_and_above_a_threshold_in_evaluation, test_a_capacity_router_warms_up_at_share_1_then_anneals_to_its_budget |
+| the measured score fits log dL/dh . r_E where attention ran | test_sensitivity_regresses_the_score_on_the_measured_log_effect, test_the_measured_regression_trains_the_score_and_what_lies_below_it |
 | prefill + steps equal the full forward | test_prefill_then_steps_equal_the_full_forward |
 | the generation cache does not grow | test_the_cache_does_not_grow_with_the_sequence |
 | SRCD and MQAR are generated as specified | test_srcd_invariants, test_mqar_follows_zoology |
@@ -608,7 +610,8 @@ def test_capacity_routes_its_budget_in_training_and_above_a_threshold_in_evaluat
 
 def test_controlled_router_prices_attention_by_dual_ascent_toward_its_budget():
     """router_mode=controlled: the compute weight starts at 0 and each training forward moves it
-    by budget_lr (mean P(EPISODIC) - attn_budget), never below 0; evaluation leaves it alone."""
+    by budget_lr (mean P(EPISODIC) - target), below 0 too (a subsidy that holds the share up);
+    the target is attn_budget, or the call's share; evaluation leaves the weight alone."""
     cfg = tiny_config(router_mode="controlled", attn_budget=0.1, budget_lr=0.5)
     torch.manual_seed(0)
     model = CRAM(cfg).train()
@@ -620,10 +623,53 @@ def test_controlled_router_prices_attention_by_dual_ascent_toward_its_budget():
     model(**x, targets=y)
     assert float(model.compute_weight) == pytest.approx(0.5 * (share - 0.1))
     model.train()
-    model.cfg = dataclasses.replace(cfg, attn_budget=1.0, budget_lr=5.0)  # now below the budget
-    for _ in range(3):
-        model(**x, targets=y)
-    assert float(model.compute_weight) == 0
+    w = float(model.compute_weight)
+    share = float(model(**x, targets=y, share=1.0)["terms"]["compute"])  # below this target
+    assert float(model.compute_weight) == pytest.approx(w + 0.5 * (share - 1.0))
+    for _ in range(20):
+        model(**x, targets=y, share=1.0)
+    assert float(model.compute_weight) < 0
+
+
+def test_capacity_share_overrides_the_budget_for_one_call():
+    """train.py's schedule passes share: 1.0 puts every token on attention in training, each
+    scaled by its score; evaluation keeps the threshold's causal rule."""
+    cfg = tiny_config(router_mode="capacity", attn_budget=0.2, spot_check=0.0)
+    model = eval_model(cfg).train()
+    x = random_inputs(cfg, 3, 17)
+    assert model(**x, share=1.0)["routing"]["z"][..., EPISODIC].all()
+    assert (model(**x, share=0.5)["routing"]["z"][..., EPISODIC].sum(-1) == 9).all()
+
+
+def test_capacity_spot_checks_teach_the_score_without_changing_the_output():
+    """Where attention runs as a spot check but was not picked, the score gets the gradient of
+    what attention's output would have been worth there, and the output stays that of the picks
+    alone: without this a token outside the top-k never learns that it belongs in it."""
+    def run(spot_check):
+        cfg = tiny_config(router_mode="capacity", attn_budget=0.2, spot_check=spot_check,
+                          w_consol=0.0, w_qhead=0.0)
+        torch.manual_seed(0)
+        model = CRAM(cfg).train()
+        x = random_inputs(cfg, 2, 15)
+        logits = {}
+
+        def keep(i):  # each layer's router logits, for their grad
+            def hook(module, args, out):
+                out[0].retain_grad()
+                logits[i] = out[0]
+            return hook
+        for i, b in enumerate(model.blocks):
+            b.router.register_forward_hook(keep(i))
+        out = model(**x, targets=torch.randint(0, cfg.vocab_size, (2, 15)))
+        out["loss"].backward()
+        picked = out["routing"]["z"][..., EPISODIC] > 0                      # (L, B, T)
+        grads = torch.stack([logits[i].grad[..., EPISODIC] for i in range(cfg.n_layer)])
+        return out["logits"], picked, grads
+    y0, picked0, g0 = run(1e-9)  # > 0: the same random draws, so the same Gumbel samples
+    y1, picked1, g1 = run(1.0)  # every token not picked is a spot check
+    assert torch.equal(picked0, picked1)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
+    assert (g0[~picked0] == 0).all() and (g1[~picked1] != 0).all()
 
 
 def test_capacity_routing_trains_the_router_through_attentions_output():
@@ -635,6 +681,46 @@ def test_capacity_routing_trains_the_router_through_attentions_output():
     x = random_inputs(cfg, 2, 12)
     model(**x, targets=torch.randint(0, cfg.vocab_size, (2, 12)))["loss"].backward()
     assert all(float(b.router.logits.weight.grad[EPISODIC].abs().max()) > 0 for b in model.blocks)
+
+
+def test_sensitivity_regresses_the_score_on_the_measured_log_effect():
+    """cram.Sensitivity: the identity forward; backward passes dL/dh on unchanged and gives the
+    score weight * (score - s_hat) / n on the n tokens where attention ran, s_hat being
+    log |dL/dh_t . r_E_t| standardised over them, and nothing elsewhere (r_E may be NaN there)."""
+    torch.manual_seed(0)
+    h, r_E, c = torch.randn(2, 6, 4, requires_grad=True), torch.randn(2, 6, 4), torch.randn(2, 6, 4)
+    ran = torch.rand(2, 6) < 0.6
+    r_E[~ran] = float("nan")
+    score = torch.randn(2, 6, requires_grad=True)
+    out = cram.Sensitivity.apply(h, r_E, score, ran, 0.5)
+    assert torch.equal(out, h)
+    (out * c).sum().backward()  # dL/dh = c
+    s = (c * r_E).sum(-1).abs().log()[ran]
+    want = torch.zeros(2, 6)
+    want[ran] = 0.5 * (score[ran] - (s - s.mean()) / s.std()) / ran.sum()
+    torch.testing.assert_close(score.grad, want)
+    assert torch.equal(h.grad, c)
+
+
+def test_the_measured_regression_trains_the_score_and_what_lies_below_it():
+    """router_mode=measured: the score's regression (weighted by w_qhead, as the q-head's BCE)
+    reaches the router's EPISODIC row and the layers below the score, as MoD's gate does, so the
+    state can learn to tell where attention will pay; never the top router's other rows, nor the
+    attention, MLP and head above it."""
+    def grads(w_qhead):
+        cfg = tiny_config(router_mode="measured", attn_budget=0.3, w_qhead=w_qhead)
+        torch.manual_seed(0)
+        model = CRAM(cfg).train()
+        x = random_inputs(cfg, 2, 12)
+        model(**x, targets=torch.randint(0, cfg.vocab_size, (2, 12)))["loss"].backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    a, b = grads(0.0), grads(1.0)
+    moved = {n for n in a if not torch.equal(a[n], b[n])}
+    assert {"tok_emb.weight", "blocks.1.ln2.weight", "blocks.1.router.q_head.weight"} <= moved
+    above = ("blocks.1.mlp", "blocks.1.ln3", "blocks.1.episodic", "blocks.1.semantic", "lm_head", "ln_f")
+    assert not [n for n in moved if n.startswith(above)]
+    w = "blocks.1.router.logits.weight"  # the top layer's: layer 0's other rows lie below it
+    assert torch.equal(a[w][[0, 2]], b[w][[0, 2]]) and not torch.equal(a[w][1], b[w][1])
 
 
 def test_transformer_baseline_is_position_aware():
@@ -865,7 +951,7 @@ CHUNK, WINDOW, FIXED_EVERY, LENGTH = 4, 8, 3, 16
 PROMPTS = {"1": 1, "chunk-1": CHUNK - 1, "chunk+1": CHUNK + 1, "past-window": WINDOW + 3}
 
 
-GEN_MODES = ("learned", "always", "never", "fixed", "capacity")
+GEN_MODES = ("learned", "always", "never", "fixed", "capacity", "measured")
 
 
 def gen_model(wm_kind, router_mode, seed=0):
@@ -1618,14 +1704,26 @@ def test_nonfinite_gradient_stops_the_run_too(tmp_path, monkeypatch):
         train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--max_iters=20", "--ckpt_interval=3"])
 
 
-def test_attention_warmup_holds_a_capacity_router_too(tmp_path):
-    """--attn_warmup forces attention on every token for its steps under router_mode=capacity as
-    under the paper's router; then each layer spends exactly its budget (spot checks off)."""
-    train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--max_iters=8", "--log_interval=1", "--attn_warmup=4",
-                           "--router_mode=capacity", "--attn_budget=0.25", "--spot_check=0.0"])
+def test_a_capacity_router_warms_up_at_share_1_then_anneals_to_its_budget(tmp_path):
+    """--attn_warmup puts every token on attention under router_mode=capacity (its score still
+    scaling the output), then --attn_anneal lowers the share linearly to the budget: each layer
+    spends exactly the share of its step (spot checks off), never more than the step before."""
+    train.main(TINY_RUN + [f"--out_dir={tmp_path}", "--max_iters=12", "--log_interval=1", "--attn_warmup=4",
+                           "--attn_anneal=4", "--router_mode=capacity", "--attn_budget=0.25",
+                           "--spot_check=0.0"])
     rows = [r for r in read_metrics(tmp_path) if r["kind"] == "train"]
-    assert all(r["attn_frac"] == 1.0 for r in rows if r["step"] <= 4)
-    assert all(r["L0_episodic"] == r["L1_episodic"] == 0.25 for r in rows if r["step"] > 4)
+    share = [r["L0_episodic"] for r in rows]
+    assert share == [r["L1_episodic"] for r in rows] and share == sorted(share, reverse=True)
+    assert share[:4] == [1.0] * 4 and share[8:] == [0.25] * 4 and all(0.25 < x < 1 for x in share[5:8])
+
+
+def test_the_share_schedule_holds_1_then_falls_linearly_to_the_budget():
+    c = train.SimpleNamespace(attn_warmup=10, attn_anneal=20)
+    cfg = CramConfig(router_mode="controlled", attn_budget=0.2)
+    share = [train.attn_share(c, cfg, it) for it in range(40)]
+    assert share[:11] == [1.0] * 11 and share[20] == pytest.approx(0.6) and share[30:] == [0.2] * 10
+    assert train.attn_share(train.SimpleNamespace(attn_warmup=10, attn_anneal=0), cfg, 10) == 0.2
+    assert train.attn_share(c, CramConfig(router_mode="learned"), 0) is None
 
 
 def test_the_learning_rate_schedule_warms_up_then_follows_the_cosine():
@@ -2443,7 +2541,8 @@ def test_mqar_notebook_parts_keep_each_others_cells():
 
 @pytest.mark.parametrize("notebook", ["01_lower_bound.py", "02_consolidation.py", "03_srcd_curves.py",
                                       "04_srcd_ablations.py", "05_gpt2_redundancy.py", "06_srcd_transfer.py",
-                                      "07_mqar.py", "08_zipf_gamma.py", "09_router_diagnosis.py"])
+                                      "07_mqar.py", "08_zipf_gamma.py", "09_router_diagnosis.py",
+                                      "10_mqar_routers.py"])
 def test_theory_notebook_runs(notebook):
     env = dict(os.environ, CRAM_NB_SMALL="1", MPLBACKEND="Agg")
     path = os.path.join(ROOT, "notebooks", notebook)

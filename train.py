@@ -71,7 +71,11 @@ init_from = ""           # a run folder: start from its weights (its model setti
 freeze = ""              # comma-separated parts of parameter names kept fixed, e.g. semantic,router
 attn_warmup = 0          # steps of attention forced on every token before the router is free:
                          # the default router needs none (cram.py: attn_prior, the q-weighted
-                         # penalty); kept for --router_mode=flat_penalty and MQAR (RESULTS.md)
+                         # penalty); kept for --router_mode=flat_penalty and MQAR (RESULTS.md).
+                         # Under capacity and measured the share is 1 instead (the score learns)
+attn_anneal = 0          # then steps over which the budgeted routers' share (the top-k of
+                         # capacity and measured, controlled's target) falls linearly from 1 to
+                         # attn_budget; 0: at once
 # -------------------------------------------------------------------------------------------
 RUN_DEFAULTS = {k: v for k, v in globals().items()
                 if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
@@ -211,6 +215,7 @@ def check_run(run):
         ("grad_clip", 0 <= c.grad_clip < math.inf, ">= 0 (0: no clipping)"),
         ("warmup_iters", c.warmup_iters >= 0, ">= 0"),
         ("attn_warmup", c.attn_warmup >= 0, ">= 0"),
+        ("attn_anneal", c.attn_anneal >= 0, ">= 0"),
         ("threads", c.threads >= 0, ">= 0 (0: torch's default)")]
     for key, ok, want in rules:
         if not ok:
@@ -321,6 +326,22 @@ def get_lr(c, it):
         return c.learning_rate * (it + 1) / c.warmup_iters
     frac = (it - c.warmup_iters) / max(1, c.max_iters - c.warmup_iters)
     return c.min_lr + 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))) * (c.learning_rate - c.min_lr)
+
+
+def attn_share(c, mcfg, it):
+    """The budgeted routers' share of tokens on attention at step it: 1 through the attention
+    warm-up, then down a line to attn_budget over attn_anneal steps (the decreasing attention
+    use the paper's router shows, as a schedule); None for the other routers."""
+    mode = ROUTER_MODES[mcfg.router_mode]
+    if mode.attention != "budget" and mode.penalty != "controlled":
+        return None
+    if it < c.attn_warmup:
+        frac = 0.0
+    elif c.attn_anneal:
+        frac = min(1.0, (it - c.attn_warmup) / c.attn_anneal)
+    else:
+        frac = 1.0
+    return mcfg.attn_budget + (1.0 - frac) * (1.0 - mcfg.attn_budget)
 
 
 def make_optimizer(model, c):
@@ -675,7 +696,7 @@ def rng_states(dev, world):
     return states
 
 
-def train_step(r, c, tau, warm, dev, rank, world):
+def train_step(r, c, tau, forced, share, dev, rank, world):
     """One optimizer step over the global batch (gradient_accumulation_steps micro-batches, drawn in
     one order on every rank, each rank computing its share) -> (last output, its batch, grad
     norm)."""
@@ -692,7 +713,7 @@ def train_step(r, c, tau, warm, dev, rank, world):
         if world > 1:  # average the gradients across ranks after the last micro-step only
             r.ddp.require_backward_grad_sync = micro % accum == accum - 1
         with r.autocast:
-            out = r.ddp(**batch, tau=tau, router_mode="always" if warm else None)
+            out = r.ddp(**batch, tau=tau, router_mode="always" if forced else None, share=share)
         (out["loss"] / accum).backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(r.raw_model.parameters(), c.grad_clip or math.inf)
     r.opt.step()
@@ -774,18 +795,21 @@ def train(run, model_over, ckpt=None, rank=0, local=0, world=1):
 def loop(r, c, run, dev, rank, world):
     """The training loop: evaluate, step, watch for non-finite values, log, checkpoint."""
     master, watch = rank == 0, NonFinite(dev)
-    free_router = ROUTER_MODES[r.mcfg.router_mode].attention in ("router", "budget")
+    attention = ROUTER_MODES[r.mcfg.router_mode].attention
+    free_router = attention in ("router", "budget")
     t_start = t_log = time.time()
     step_log, t_eval = r.step, 0.0  # the step and time of the last log line; eval time since then
     last = min(c.max_iters, c.stop_iter) if c.stop_iter >= 0 else c.max_iters
     while r.step < last:
         warm = r.step < c.attn_warmup and free_router
+        share = attn_share(c, r.mcfg, r.step)
         if r.step % c.eval_interval == 0 and master:
             t0 = time.time()
-            evaluation(r, "always" if warm else None, free=not warm)
+            evaluation(r, "always" if warm and attention == "router" else None, free=not warm)
             t_eval += time.time() - t0
         tau = router_tau(r.mcfg, (r.step - c.attn_warmup) / max(1, c.max_iters - c.attn_warmup))
-        out, batch, grad_norm = train_step(r, c, tau, warm, dev, rank, world)
+        forced = warm and attention == "router"  # capacity warms up at share 1 instead
+        out, batch, grad_norm = train_step(r, c, tau, forced, share, dev, rank, world)
         r.step += 1  # from here on, `step` counts the updates made, as the log lines do
         watch.update(r.step, {**out["terms"], "grad_norm": grad_norm})
         logs = r.step % c.log_interval == 0 or r.step == c.max_iters
