@@ -482,11 +482,11 @@ class Router(nn.Module):
             self.register_buffer("threshold", torch.tensor(0.0))  # where the scores start
 
     def pick(self, score, budget):
-        """Capacity routing, score (B, T) the EPISODIC logit -> (B, T) bool, the tokens that run
-        attention. In training the top ceil(budget T) of each sequence (MoD's top-k: it sees the
-        whole sequence), and the threshold follows the score that a share budget of the batch's
-        tokens reaches (a moving average); in evaluation and generation every token scoring above
-        the threshold, which is causal and spends the budget on average."""
+        """Budget routing (capacity, measured), score (B, T) the EPISODIC logit -> (B, T) bool, the
+        tokens that run attention. In training the top ceil(budget T) of each sequence (MoD's top-k:
+        it sees the whole sequence), and the threshold follows the score that a share budget of the
+        batch's tokens reaches (a moving average); in evaluation and generation every token scoring
+        above the threshold, which is causal and spends the budget on average."""
         if not self.training:
             return score > self.threshold
         k = max(1, math.ceil(budget * score.shape[1]))
