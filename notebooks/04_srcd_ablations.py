@@ -16,6 +16,7 @@
 # class (recurring queries, novel queries, other tokens), the dynamics MSE, the consolidation step
 # (the first evaluation with retrieval >= 99.5% and attention <= 1.25x the floor), the seeds that
 # collapsed (retrieval < 90%) and the wall time. Mean over seeds, and the spread (min .. max).
+# The last three rows are the budgeted routers of notebook 10 at 1.25x the floor.
 #
 #     python notebooks/04_srcd_ablations.py   # trains what out/notebooks/ablations lacks
 #
@@ -68,6 +69,14 @@ ROWS = {  # row name: its flags on top of CONFIG
     "no attention (never)": ["--router_mode=never"],
     "transformer (same width)": ["--router_mode=always", "--wm_kind=none", f"--n_positions={LEN}"],
 }
+# Notebook 10's budgeted routers at 1.25x the floor in each layer (their top-k in training, their
+# causal threshold in evaluation), with its schedule: a quarter of the run at share 1, a quarter
+# down to the budget. Rows of the table, not of the findings asserted on ROWS below.
+FLOOR = data.make(train.parse_args(CONFIG)[0]).floor
+SCHEDULE = [f"--attn_warmup={STEPS // 4}", f"--attn_anneal={STEPS // 4}"]
+BUDGETED = {f"{mode} (1.25x the floor)": [f"--router_mode={mode}",
+                                          f"--attn_budget={1.25 * FLOOR}"] + SCHEDULE
+            for mode in ("capacity", "measured", "controlled")}
 # The penalty sweep: three routers at each compute-penalty weight. Their runs at the default weight
 # (0.5) are the table's rows named beside them.
 PENALTIES = [1.0] if SMALL else [0.01, 0.03, 0.1, 0.3, 1.0]
@@ -80,13 +89,13 @@ SWEEP = {(variant, w): ROWS[row] + [f"--w_compute={w}"]
 RECURRING = [0.3, 0.5, 0.9]
 ONE_SEED = {f"CRAM, recurring {r}": [f"--srcd_recurring={r}"] for r in RECURRING} | {
     "CRAM, no MLP (the paper's layer)": ["--mlp=False"]}
-RUNS = (dict(ROWS) | {f"{variant}, penalty {w}": flags for (variant, w), flags in SWEEP.items()}
-        | ONE_SEED)
+RUNS = (ROWS | BUDGETED | ONE_SEED
+        | {f"{variant}, penalty {w}": flags for (variant, w), flags in SWEEP.items()})
 SWEEP_SEEDS = SEEDS  # the penalty sweep's seeds
 
 
 def seeds_of(row):
-    return SEEDS if row in ROWS else SEEDS[:1] if row in ONE_SEED else SWEEP_SEEDS
+    return SEEDS[:1] if row in ONE_SEED else SEEDS if row in ROWS | BUDGETED else SWEEP_SEEDS
 
 # %% [markdown]
 # ## Train what is missing
@@ -161,7 +170,7 @@ print("| row | " + " | ".join(c for c, _, _ in columns)
       + " | consolidation step | collapsed | wall s | flags |")
 print("|---|" + "---:|" * (len(columns) + 3) + "---|")
 table = []
-for row in ROWS:
+for row in ROWS | BUDGETED:
     ms = results[row]
     steps = [m["consolidation_step"] for m in ms]
     reached = [s for s in steps if s is not None]
@@ -171,10 +180,10 @@ for row in ROWS:
     cells = [cell([m[c] for m in ms], pct, d) for c, pct, d in columns]
     collapsed = sum(m["collapsed"] for m in ms)
     wall = cell([m["wall_seconds"] for m in ms], digits=0)
-    flags = " ".join(ROWS[row]) or "(default)"
+    flags = " ".join(RUNS[row]) or "(default)"
     print(f"| {row} | " + " | ".join(cells)
           + f" | {step_cell} | {collapsed} of {len(ms)} | {wall} | `{flags}` |")
-    table.append(dict(row=row, flags=ROWS[row], seeds=SEEDS, steps=STEPS, runs=ms))
+    table.append(dict(row=row, flags=RUNS[row], seeds=SEEDS, steps=STEPS, runs=ms))
 os.makedirs(OUT, exist_ok=True)
 with open(os.path.join(OUT, "table.json"), "w") as fh:
     json.dump(table, fh, indent=1)
@@ -261,8 +270,8 @@ if not SMALL:
 
 # %%
 fig, ax = plt.subplots(figsize=(8, 5))
-markers = "os^vD<>pPX*h"
-for (row, marker) in zip(ROWS, markers):
+markers = "os^vD<>pPX*hH8d"
+for (row, marker) in zip(ROWS | BUDGETED, markers):
     ms = results[row]
     ax.scatter([max(m["attn"], 1e-4) for m in ms], [m["retrieval"] for m in ms], marker=marker,
                s=45, label=row, alpha=0.8)
