@@ -23,7 +23,7 @@
 # - `capacity 1/k`, `measured 1/k`, `controlled 1/k`: notebook 10's routers at a budget of 1/k of
 #   the tokens, with its schedule: a quarter of the run at share 1, a quarter down to the budget.
 #
-# The goal of the issue that asked for it: at <= 1/8 of the tokens on attention, a router closes at
+# The goal set for a learned router: at <= 1/8 of the tokens on attention, it closes at
 # least 75% of the gap between recurrent only and dense, and beats every 8th on both seeds. Last,
 # which tokens a router picks: one validation sequence drawn with its tokens on attention, and the
 # share on attention by kind of byte.
