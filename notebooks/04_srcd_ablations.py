@@ -72,7 +72,8 @@ ROWS = {  # row name: its flags on top of CONFIG
 # Notebook 10's budgeted routers at 1.25x the floor in each layer (their top-k in training, their
 # causal threshold in evaluation), with its schedule: a quarter of the run at share 1, a quarter
 # down to the budget. Rows of the table, not of the findings asserted on ROWS below.
-FLOOR = data.make(train.parse_args(CONFIG)[0]).floor
+task = data.make(train.parse_args(CONFIG)[0])
+FLOOR = task.floor
 SCHEDULE = [f"--attn_warmup={STEPS // 4}", f"--attn_anneal={STEPS // 4}"]
 BUDGETED = {f"{mode} (1.25x the floor)": [f"--router_mode={mode}",
                                           f"--attn_budget={1.25 * FLOOR}"] + SCHEDULE
@@ -147,7 +148,6 @@ for row, ms in results.items():
         assert 0 <= m["retrieval"] <= 1 and 0 <= m["attn"] <= 1, (row, m)
         assert np.isfinite(m["dynamics_mse"]), (row, m)
 floor = results["CRAM (learned)"][0]["floor"]
-task = data.make(train.parse_args(CONFIG)[0])
 query_rate = task.n_query / task.len
 
 

@@ -155,6 +155,23 @@ for row in ROWS:
         cells.append(f"{s['val_loss']:.4f} | {100 * share(s):.1f}% | "
                      + ("-" if g is None else f"{100 * g:.0f}%"))
     print(f"| {row} | " + " | ".join(cells) + " |")
+
+
+def evals(row, seed):
+    """{step: validation loss} from the run's metrics.jsonl."""
+    with open(os.path.join(run_dir(row, seed), "metrics.jsonl")) as fh:
+        return {r["step"]: r["ce"] for r in map(json.loads, filter(str.strip, fh))
+                if r["kind"] == "eval"}
+
+
+# the gap opens late: validation loss at steps 1/16, 1/8, 1/4, 3/8, 1/2, 3/4 and 1 of the run
+curves = {key: evals(*key) for key in summaries}
+marks = sorted({STEPS * i // 16 for i in (1, 2, 4, 6, 8, 12, 16)} & set.intersection(
+    *(set(c) for c in curves.values())))
+print("\nValidation loss along the run\n\n| row | seed | " + " | ".join(map(str, marks)) + " |")
+print("|---|---:|" + "---:|" * len(marks))
+for (row, seed), c in curves.items():
+    print(f"| {row} | {seed} | " + " | ".join(f"{c[m]:.3f}" for m in marks) + " |")
 os.makedirs(OUT, exist_ok=True)
 with open(os.path.join(OUT, "table.json"), "w") as fh:
     json.dump({f"{row} | seed {seed}": dict(val_loss=s["val_loss"], attn=share(s),
@@ -236,6 +253,8 @@ if picked_row is not None:
         for i in range(run["eval_batches"]):
             batch = train.eval_batch(task, run, i)
             on = model(batch["tokens"])["routing"]["z"][..., cram.EPISODIC] > 0    # (L, B, T)
+            if i == 0:  # the window drawn below
+                window, window_on = batch["tokens"][0], on[:, 0]
             for b, seq in enumerate(batch["tokens"].tolist()):
                 kind = byte_kinds(seq)
                 totals += np.bincount(kind, minlength=len(KINDS))
@@ -250,13 +269,11 @@ if picked_row is not None:
             f"{100 * c[j] / max(totals[j], 1):.1f}%" for c in counts) + " |")
 
     # one window drawn, a panel per layer: the bytes on attention on a coloured ground
-    seq = train.eval_batch(task, run, 0)["tokens"][:1]
-    with torch.no_grad():
-        on = model(seq)["routing"]["z"][:, 0, :, cram.EPISODIC] > 0                   # (L, T)
-    text = [chr(b) if 32 <= b < 127 else ("\n" if b == 10 else " ") for b in seq[0].tolist()]
+    text = [chr(b) if 32 <= b < 127 else ("\n" if b == 10 else " ") for b in window.tolist()]
     lines = "".join(text).count("\n") + 1
-    fig, axes = plt.subplots(1, len(on), figsize=(7 * len(on), 0.16 * lines + 0.8), squeeze=False)
-    for ax, layer_on in zip(axes[0], on):
+    fig, axes = plt.subplots(1, len(window_on), figsize=(7 * len(window_on), 0.16 * lines + 0.8),
+                             squeeze=False)
+    for ax, layer_on in zip(axes[0], window_on):
         row_, col = 0, 0
         for ch, hit in zip(text, layer_on.tolist()):
             if hit:
