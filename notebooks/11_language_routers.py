@@ -36,6 +36,7 @@
 # source): its numbers mean nothing, so the assertions run only at full size.
 
 # %%
+import contextlib
 import json
 import os
 import re
@@ -134,7 +135,10 @@ def share(s):
 # Validation loss in nats per byte (the last evaluation: eval_batches x 16 windows of 512 bytes,
 # the same windows for every run), the share of tokens on attention in evaluation (the budgeted
 # routers decide there by their causal threshold, so their share is measured, not set), and the
-# share of the gap between recurrent only and dense that a row closes.
+# share of the gap between recurrent only and dense that a row closes. Then what attention is
+# worth inside each trained model: how much its loss rises when attention is removed at
+# evaluation, every other decision as trained (a router that keeps little of the gap may still
+# lean on its attention, or may have learned nothing there).
 
 # %%
 def gap_closed(row, seed):
@@ -172,6 +176,37 @@ print("\nValidation loss along the run\n\n| row | seed | " + " | ".join(map(str,
 print("|---|---:|" + "---:|" * len(marks))
 for (row, seed), c in curves.items():
     print(f"| {row} | {seed} | " + " | ".join(f"{c[m]:.3f}" for m in marks) + " |")
+
+
+WORTH = os.path.join(OUT, "without_attention.json")   # the passes below, kept between calls
+kept = {}
+with contextlib.suppress(OSError, ValueError), open(WORTH) as fh:
+    kept = json.load(fh)
+
+
+def without_attention(row, seed):
+    """The trained model's validation loss with attention removed at evaluation (router_mode
+    "never": every other decision as trained): an evaluation pass, kept in WORTH under the run's
+    name and final loss (a retrained run has another)."""
+    key = f"{os.path.basename(run_dir(row, seed))} {summaries[(row, seed)]['val_loss']!r}"
+    if key not in kept:
+        run, task, model, _ = train.load_run(run_dir(row, seed))
+        batches = [train.eval_batch(task, run, i) for i in range(run["eval_batches"])]
+        kept[key] = train.evaluate(model, task, batches, contextlib.nullcontext(), "never")["ce"]
+        os.makedirs(OUT, exist_ok=True)
+        with open(WORTH, "w") as fh:
+            json.dump(kept, fh, indent=1)
+    return kept[key]
+
+
+# what attention is worth inside each trained model: the loss it adds back where it runs
+print("\nWhat attention is worth in each model: validation loss with its routing, without "
+      "attention\n\n| row | seed | loss | without attention | attention's worth |")
+print("|---|---:|---:|---:|---:|")
+for (row, seed), s in summaries.items():
+    if row != "recurrent only":
+        off = without_attention(row, seed)
+        print(f"| {row} | {seed} | {s['val_loss']:.4f} | {off:.4f} | {off - s['val_loss']:+.4f} |")
 os.makedirs(OUT, exist_ok=True)
 with open(os.path.join(OUT, "table.json"), "w") as fh:
     json.dump({f"{row} | seed {seed}": dict(val_loss=s["val_loss"], attn=share(s),
