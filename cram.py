@@ -40,7 +40,8 @@ Glossary, code name -> paper symbol; C is arXiv 2602.12204 (CRAM), P is arXiv 26
     Router.pick    router_mode="capacity": Mixture-of-Depths' top-k (arXiv 2404.02258), the
                    EPISODIC logit as the score, a threshold for causal decisions (this code's)
     Sensitivity    router_mode="measured": the score regressed on log |dL/dh_t . r_E_t|, how far
-                   attention's output at t moves the loss, where attention ran (this code's)
+                   attention's output at t moves the loss, where attention ran; "gain": on
+                   -dL/dh_t . r_E_t, how much it lowers the loss there (this code's)
     PalimpsaMemory M_t = a_t M_{t-1} + v_t k_t^T, Ibar_t = a_t Ibar_{t-1} + b_t (k_t^2)^T,
                    mu_t = M_t / (Ibar_t + I_prior), y_t = mu_t q_t; b = 0 is Mamba2-style  (P)
 """
@@ -424,10 +425,11 @@ class RouterMode:
     semantic: bool = True  # SEMANTIC is a tier the router may choose; False: the other two
     score: str = "gate"    # how a "budget" router's score learns: "gate", its sigmoid scales
                            # attention's output (MoD); "measured", a regression on the measured
-                           # sensitivity of the loss to attention's output (Sensitivity)
+                           # sensitivity of the loss to attention's output (Sensitivity); "gain",
+                           # on the loss it saves, signed
 
 
-ROUTER_MODES = {  # the paper's router, its ablations, three baselines, three budgeted routers
+ROUTER_MODES = {  # the paper's router, its ablations, three baselines, four budgeted routers
     "learned": RouterMode("router", reads_q=True, consolidates=True, spot_checks=True,
                           penalty="q"),
     "no_q": RouterMode("router", reads_q=False, consolidates=True, spot_checks=True, penalty="q"),
@@ -453,6 +455,10 @@ ROUTER_MODES = {  # the paper's router, its ablations, three baselines, three bu
     # loss attention's output moves most, helping or not yet (a query before attention can recall)
     "measured": RouterMode("budget", reads_q=True, consolidates=True, spot_checks=True,
                            penalty="none", score="measured"),
+    # the same measurement with its sign: the tokens where attention's output lowers the loss
+    # most. On text the unsigned target also ranks high the tokens where attention hurts
+    "gain": RouterMode("budget", reads_q=True, consolidates=True, spot_checks=True,
+                       penalty="none", score="gain"),
     # the paper's router with its compute weight a Lagrange multiplier, raised while the mean
     # P(EPISODIC) is above attn_budget and lowered below it, through 0 to a subsidy (dual ascent):
     # a target, not a price
@@ -482,11 +488,11 @@ class Router(nn.Module):
             self.register_buffer("threshold", torch.tensor(0.0))  # where the scores start
 
     def pick(self, score, budget):
-        """Budget routing (capacity, measured), score (B, T) the EPISODIC logit -> (B, T) bool, the
-        tokens that run attention. In training the top ceil(budget T) of each sequence (MoD's top-k:
-        it sees the whole sequence), and the threshold follows the score that a share budget of the
-        batch's tokens reaches (a moving average); in evaluation and generation every token scoring
-        above the threshold, which is causal and spends the budget on average."""
+        """Budget routing (capacity, measured, gain), score (B, T) the EPISODIC logit -> (B, T)
+        bool, the tokens that run attention. In training the top ceil(budget T) of each sequence
+        (MoD's top-k: it sees the whole sequence), and the threshold follows the score that a share
+        budget of the batch's tokens reaches (a moving average); in evaluation and generation every
+        token scoring above the threshold, which is causal and spends the budget on average."""
         if not self.training:
             return score > self.threshold
         k = max(1, math.ceil(budget * score.shape[1]))
@@ -510,17 +516,19 @@ class Router(nn.Module):
 
 class Sensitivity(torch.autograd.Function):
     """The identity on the residual stream h (B, T, d) after attention, whose backward pass also
-    measures, at each token where attention ran, s_t = log |dL/dh_t . r_E_t|: to first order how
-    far adding attention's output r_E_t there moves the loss (picked or spot check alike, since
-    dL/dh_t exists at every token). The score gets the gradient of weight * mean over those tokens
-    of (score - s_hat)^2 / 2, s_hat being s standardised over them (top-k only needs the order, and
+    measures, at each token where attention ran, dL/dh_t . r_E_t: to first order how the loss
+    moves when attention's output r_E_t is added there (picked or spot check alike, since dL/dh_t
+    exists at every token). The target s_t is how far it moves, log |dL/dh_t . r_E_t|, or, signed,
+    how much it lowers the loss, asinh(-dL/dh_t . r_E_t / its mean size) (asinh: log-like tails,
+    both signs). The score gets the gradient of weight * mean over those tokens of
+    (score - s_hat)^2 / 2, s_hat being s standardised over them (top-k only needs the order, and
     the loss's scale drifts over training). The measurement needs the backward pass, so the target
     is taught in it, with no second forward."""
 
     @staticmethod
-    def forward(ctx, h, r_E, score, ran, weight):
+    def forward(ctx, h, r_E, score, ran, weight, signed=False):
         ctx.save_for_backward(r_E, score, ran)
-        ctx.weight = weight
+        ctx.weight, ctx.signed = weight, signed
         return h.view_as(h)
 
     @staticmethod
@@ -529,13 +537,17 @@ class Sensitivity(torch.autograd.Function):
         m = ran.float()
         n = m.sum()
         if n < 2:
-            return g, None, torch.zeros_like(score), None, None
-        s = (g.float() * r_E.float()).sum(-1).abs().clamp_min(1e-30).log()       # (B, T)
-        s = torch.where(ran, s, 0.0)  # r_E is not computed elsewhere (kernel: any value)
+            return g, None, torch.zeros_like(score), None, None, None
+        # r_E is not computed where attention did not run (kernel: any value)
+        dot = torch.where(ran, (g.float() * r_E.float()).sum(-1), 0.0)                # (B, T)
+        if ctx.signed:
+            s = torch.asinh(-dot / (dot.abs().sum() / n).clamp_min(1e-30))
+        else:
+            s = torch.where(ran, dot.abs().clamp_min(1e-30).log(), 0.0)
         mean = s.sum() / n
         std = (torch.where(ran, s - mean, 0.0).pow(2).sum() / (n - 1)).sqrt().clamp_min(1e-6)
         grad = torch.where(ran, score - (s - mean) / std, 0.0)
-        return g, None, ctx.weight * grad / n, None, None
+        return g, None, ctx.weight * grad / n, None, None, None
 
 
 def route(logits, mode, tau, training, fixed_every, offset=0, picked=None):
@@ -650,8 +662,9 @@ class Block(nn.Module):
             # token left out of the top-k never learns that it should have been in
             z_E = z_E * gate + spot * (gate - gate.detach())
         h = h + (z_E[..., None] * r_E + z[..., SEMANTIC, None] * f_sem).to(h.dtype)
-        if budget and mode.score == "measured" and self.training and losses:
-            h = Sensitivity.apply(h, r_E.detach(), logits[..., EPISODIC], ran, cfg.w_qhead)
+        if budget and mode.score != "gate" and self.training and losses:
+            h = Sensitivity.apply(h, r_E.detach(), logits[..., EPISODIC], ran, cfg.w_qhead,
+                                  mode.score == "gain")
         out = h + self.mlp(self.ln3(h)) if self.mlp is not None else h
         routing = dict(z=z.detach().float(), q_hat=q_hat.detach().float())
         if not losses:  # inference: no consolidation targets to compare, nothing to charge

@@ -22,7 +22,7 @@ modelling, probe.py, kernel.py, bench.py, theory, notebooks):
 | batch rows are independent | test_batch_independence, test_generation_keeps_batch_rows_independent |
 | each loss trains only its own weights | test_consolidation_and_q_head_train_only_their_own_weights, test_the_compute_penalty_never_trains_the_q_head |
 | budgeted routers spend their share, on a schedule | test_capacity_routes_its_budget_in_training_and_above_a_threshold_in_evaluation, test_a_capacity_router_warms_up_at_share_1_then_anneals_to_its_budget |
-| the measured score fits log dL/dh . r_E where attention ran | test_sensitivity_regresses_the_score_on_the_measured_log_effect, test_the_measured_regression_trains_the_score_and_what_lies_below_it |
+| the measured score fits log dL/dh . r_E where attention ran (gain: its signed size) | test_sensitivity_regresses_the_score_on_the_measured_effect, test_the_measured_regression_trains_the_score_and_what_lies_below_it |
 | prefill + steps equal the full forward | test_prefill_then_steps_equal_the_full_forward |
 | the generation cache does not grow | test_the_cache_does_not_grow_with_the_sequence |
 | SRCD and MQAR are generated as specified | test_srcd_invariants, test_mqar_follows_zoology |
@@ -683,32 +683,36 @@ def test_capacity_routing_trains_the_router_through_attentions_output():
     assert all(float(b.router.logits.weight.grad[EPISODIC].abs().max()) > 0 for b in model.blocks)
 
 
-def test_sensitivity_regresses_the_score_on_the_measured_log_effect():
+@pytest.mark.parametrize("signed", [False, True])
+def test_sensitivity_regresses_the_score_on_the_measured_effect(signed):
     """cram.Sensitivity: the identity forward; backward passes dL/dh on unchanged and gives the
     score weight * (score - s_hat) / n on the n tokens where attention ran, s_hat being
-    log |dL/dh_t . r_E_t| standardised over them, and nothing elsewhere (r_E may be NaN there)."""
+    log |dL/dh_t . r_E_t| (signed: asinh(-dL/dh_t . r_E_t / its mean size)) standardised over
+    them, and nothing elsewhere (r_E may be NaN there)."""
     torch.manual_seed(0)
     h, r_E, c = torch.randn(2, 6, 4, requires_grad=True), torch.randn(2, 6, 4), torch.randn(2, 6, 4)
     ran = torch.rand(2, 6) < 0.6
     r_E[~ran] = float("nan")
     score = torch.randn(2, 6, requires_grad=True)
-    out = cram.Sensitivity.apply(h, r_E, score, ran, 0.5)
+    out = cram.Sensitivity.apply(h, r_E, score, ran, 0.5, signed)
     assert torch.equal(out, h)
     (out * c).sum().backward()  # dL/dh = c
-    s = (c * r_E).sum(-1).abs().log()[ran]
+    dot = (c * r_E).sum(-1)[ran]
+    s = torch.asinh(-dot / dot.abs().mean()) if signed else dot.abs().log()
     want = torch.zeros(2, 6)
     want[ran] = 0.5 * (score[ran] - (s - s.mean()) / s.std()) / ran.sum()
     torch.testing.assert_close(score.grad, want)
     assert torch.equal(h.grad, c)
 
 
-def test_the_measured_regression_trains_the_score_and_what_lies_below_it():
-    """router_mode=measured: the score's regression (weighted by w_qhead, as the q-head's BCE)
-    reaches the router's EPISODIC row and the layers below the score, as MoD's gate does, so the
-    state can learn to tell where attention will pay; never the top router's other rows, nor the
-    attention, MLP and head above it."""
+@pytest.mark.parametrize("mode", ["measured", "gain"])
+def test_the_measured_regression_trains_the_score_and_what_lies_below_it(mode):
+    """router_mode=measured or gain: the score's regression (weighted by w_qhead, as the q-head's
+    BCE) reaches the router's EPISODIC row and the layers below the score, as MoD's gate does, so
+    the state can learn to tell where attention will pay; never the top router's other rows, nor
+    the attention, MLP and head above it."""
     def grads(w_qhead):
-        cfg = tiny_config(router_mode="measured", attn_budget=0.3, w_qhead=w_qhead)
+        cfg = tiny_config(router_mode=mode, attn_budget=0.3, w_qhead=w_qhead)
         torch.manual_seed(0)
         model = CRAM(cfg).train()
         x = random_inputs(cfg, 2, 12)

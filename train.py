@@ -72,10 +72,11 @@ freeze = ""              # comma-separated parts of parameter names kept fixed, 
 attn_warmup = 0          # steps of attention forced on every token before the router is free:
                          # the default router needs none (cram.py: attn_prior, the q-weighted
                          # penalty); kept for --router_mode=flat_penalty and MQAR (RESULTS.md).
-                         # Under capacity and measured the share is 1 instead (the score learns)
+                         # Under capacity, measured and gain the share is 1 instead (the score
+                         # learns)
 attn_anneal = 0          # then steps over which the budgeted routers' share (the top-k of
-                         # capacity and measured, controlled's target) falls linearly from 1 to
-                         # attn_budget; 0: at once
+                         # capacity, measured and gain, controlled's target) falls linearly from
+                         # 1 to attn_budget; 0: at once
 # -------------------------------------------------------------------------------------------
 RUN_DEFAULTS = {k: v for k, v in globals().items()
                 if not k.startswith("_") and isinstance(v, (int, float, str, bool))}

@@ -23,6 +23,8 @@
 # - `measured Nx`: the same top-k, its score regressed on the measured sensitivity of the loss to
 #   attention's output where attention ran (cram.Sensitivity), a regression that also trains the
 #   layers below the score, so the state can learn to say where attention will pay;
+# - `gain Nx`: the same regression on the signed measurement, how much attention's output lowers
+#   the loss (it also ranks low the tokens where attention's output is noise that raises it);
 # - `controlled Nx`: the paper's router with its compute weight steered by dual ascent so that the
 #   mean P(E) follows the share.
 #
@@ -30,8 +32,8 @@
 # their share linearly to the budget over the next quarter (--attn_warmup, --attn_anneal). Every
 # run notebook 07's schedule (2 layers, 2000 steps of 4096 tokens, one thread, JOBS at a time).
 # Columns: each working memory at each size; per cell the accuracy over the queries at the end and
-# the share of queries / other tokens on attention in evaluation (capacity and measured routing
-# use their causal threshold there); a second table gives the shares in training (the top-k).
+# the share of queries / other tokens on attention in evaluation (the top-k routers use their
+# causal threshold there); a second table gives the shares in training (the top-k).
 #
 #     python notebooks/10_mqar_routers.py                      # trains what out/notebooks lacks
 #     CRAM_ROUTERS_MEMORIES=gated CRAM_ROUTERS_ROWS="measured 2x" ...   # some cells
@@ -90,7 +92,7 @@ def router_args(row, T, kv):
 
 
 ROWS = ["dense", "the paper's router"] + [
-    f"{m} {n}x" for m in ("capacity", "measured", "controlled") for n in (2, 1)]
+    f"{m} {n}x" for m in ("capacity", "measured", "gain", "controlled") for n in (2, 1)]
 chosen = os.environ.get("CRAM_ROUTERS_ROWS", ",".join(ROWS)).split(",")
 if set(chosen) - set(ROWS):
     sys.exit(f"CRAM_ROUTERS_ROWS takes names from: {','.join(ROWS)}")
@@ -180,12 +182,12 @@ save_figure(fig, "10_mqar_routers")
 # %% [markdown]
 # ## Where the measured router's misses come from
 #
-# For each `measured` run, on its first eval batch with every token on attention (share 1, the
-# training forward): per layer, how well the measured target log |dL/dh_t . r_E_t| and the
-# router's score single out the queries, as the AUC of queries against the other tokens (1: every
-# query above every other token; 0.5: chance) and the share of the queries in each sequence's
-# top-k at the run's budget. The target is read in the backward pass, where cram.Sensitivity
-# measures it, by wrapping its backward.
+# For each `measured` and `gain` run, on its first eval batch with every token on attention
+# (share 1, the training forward): per layer, how well the target (log |dL/dh_t . r_E_t|, for
+# gain -dL/dh_t . r_E_t) and the router's score single out the queries, as the AUC of queries
+# against the other tokens (1: every query above every other token; 0.5: chance) and the share of
+# the queries in each sequence's top-k at the run's budget. The target is read in the backward
+# pass, where cram.Sensitivity measures it, by wrapping its backward.
 
 # %%
 import numpy as np  # noqa: E402
@@ -212,8 +214,8 @@ def separation(key):
     backward = cram.Sensitivity.backward
 
     def spy(ctx, g):  # the measurement, as Sensitivity.backward makes it
-        r_E = ctx.saved_tensors[0]
-        targets.append((g.float() * r_E.float()).sum(-1).abs().clamp_min(1e-30).log())
+        dot = (g.float() * ctx.saved_tensors[0].float()).sum(-1)
+        targets.append(-dot if ctx.signed else dot.abs().clamp_min(1e-30).log())
         return backward(ctx, g)
     cram.Sensitivity.backward = staticmethod(spy)
     try:
@@ -235,7 +237,7 @@ print("\n| run | layer | target AUC | score AUC | queries in the target's top-k 
 print("|---|---:|---:|---:|---:|---:|")
 sep = {}
 for key in summaries:
-    if key[0].startswith("measured"):
+    if key[0].startswith(("measured", "gain")):
         sep[key] = separation(key)
         for i, t_auc, s_auc, t_top, s_top in sep[key]:
             print(f"| {key[0]}, {key[1]} ({key[2]}, {key[3]}) | L{i} | {t_auc:.3f} | {s_auc:.3f} | "
@@ -251,7 +253,7 @@ for key in summaries:
 # %%
 if not SMALL:
     for key, layers in sep.items():
-        assert layers[-1][1] > 0.99, (key, layers[-1])
+        assert not key[0].startswith("measured") or layers[-1][1] > 0.99, (key, layers[-1])
     for (row, wm, T, kv), s in summaries.items():
         if row.startswith("measured") and FILLER == "zeros":
             assert min(s["attn_query"], train_share[(row, wm, T, kv)][0]) >= 0.95, (row, wm)

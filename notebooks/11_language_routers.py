@@ -20,8 +20,9 @@
 #
 # - `every kth`: router_mode=fixed, attention on every k-th token (the static baseline);
 # - `the paper's router (w)`: router_mode=learned at compute weight w (the default 0.5);
-# - `capacity 1/k`, `measured 1/k`, `controlled 1/k`: notebook 10's routers at a budget of 1/k of
-#   the tokens, with its schedule: a quarter of the run at share 1, a quarter down to the budget.
+# - `capacity 1/k`, `measured 1/k`, `gain 1/k`, `controlled 1/k`: notebook 10's routers at a
+#   budget of 1/k of the tokens, with its schedule: a quarter of the run at share 1, a quarter
+#   down to the budget.
 #
 # The goal set for a learned router: at <= 1/8 of the tokens on attention, it closes at
 # least 75% of the gap between recurrent only and dense, and beats every 8th on both seeds. Last,
@@ -58,7 +59,7 @@ KS = (8,) if SMALL else (4, 8, 16, 32)           # the small mode: one row of ea
 PENALTIES = (0.5,) if SMALL else (0.0, 0.05, 0.5)
 ROWS = (["recurrent only", "dense"] + [f"every {k}{'nd' if k == 32 else 'th'}" for k in KS]
         + [f"the paper's router (w {w})" for w in PENALTIES]
-        + [f"{m} 1/{k}" for m in ("capacity", "measured", "controlled") for k in KS])
+        + [f"{m} 1/{k}" for m in ("capacity", "measured", "gain", "controlled") for k in KS])
 chosen = os.environ.get("CRAM_LANG_ROWS", ",".join(ROWS)).split(",")
 if set(chosen) - set(ROWS):
     sys.exit(f"CRAM_LANG_ROWS takes names from: {','.join(ROWS)}")
@@ -178,24 +179,28 @@ for (row, seed), c in curves.items():
     print(f"| {row} | {seed} | " + " | ".join(f"{c[m]:.3f}" for m in marks) + " |")
 
 
-WORTH = os.path.join(OUT, "without_attention.json")   # the passes below, kept between calls
+PASSES = os.path.join(OUT, "passes.json")   # the evaluation passes below, kept between calls
 kept = {}
-with contextlib.suppress(OSError, ValueError), open(WORTH) as fh:
+with contextlib.suppress(OSError, ValueError), open(PASSES) as fh:
     kept = json.load(fh)
 
 
-def without_attention(row, seed):
-    """The trained model's validation loss with attention removed at evaluation (router_mode
-    "never": every other decision as trained): an evaluation pass, kept in WORTH under the run's
-    name and final loss (a retrained run has another)."""
-    key = f"{os.path.basename(run_dir(row, seed))} {summaries[(row, seed)]['val_loss']!r}"
+def kept_pass(what, row, seed, measure):
+    """measure(run, task, model) for the trained run, kept in PASSES under what, the run's name
+    and its final loss (a retrained run has another)."""
+    key = f"{what} {os.path.basename(run_dir(row, seed))} {summaries[(row, seed)]['val_loss']!r}"
     if key not in kept:
-        run, task, model, _ = train.load_run(run_dir(row, seed))
-        batches = [train.eval_batch(task, run, i) for i in range(run["eval_batches"])]
-        kept[key] = train.evaluate(model, task, batches, contextlib.nullcontext(), "never")["ce"]
-        with open(WORTH, "w") as fh:  # OUT holds the runs
+        kept[key] = measure(*train.load_run(run_dir(row, seed))[:3])
+        with open(PASSES, "w") as fh:  # OUT holds the runs
             json.dump(kept, fh, indent=1)
     return kept[key]
+
+
+def without_attention(run, task, model):
+    """The validation loss with attention removed at evaluation (router_mode "never": every other
+    decision as trained)."""
+    batches = [train.eval_batch(task, run, i) for i in range(run["eval_batches"])]
+    return train.evaluate(model, task, batches, contextlib.nullcontext(), "never")["ce"]
 
 
 # what attention is worth inside each trained model: the loss it adds back where it runs
@@ -204,10 +209,113 @@ print("\nWhat attention is worth in each model: validation loss with its routing
 print("|---|---:|---:|---:|---:|")
 for (row, seed), s in summaries.items():
     if row != "recurrent only":
-        off = without_attention(row, seed)
+        off = kept_pass("without attention", row, seed, without_attention)
         print(f"| {row} | {seed} | {s['val_loss']:.4f} | {off:.4f} | {off - s['val_loss']:+.4f} |")
         # the pass really ran without attention: the dense model's loss moved, at any size
         assert row != "dense" or off != s["val_loss"], "router_mode='never' left attention on"
+
+# %% [markdown]
+# ## The choice, or the share?
+#
+# A router that keeps little of the gap at 1/8 may choose badly, or 1/8 of the bytes may be too
+# few for attention to pay. To tell them apart, each trained model's choice is replaced by others
+# at the same share (a row's budget, else 1/8), every other decision as trained: `random` bytes;
+# the top bytes of each window and layer by the two measured targets, in a training forward with
+# attention on every byte (`measured`'s, |dL/dh_t . r_E_t|, and `gain`'s, -dL/dh_t . r_E_t); and
+# `in hindsight` the bytes where attention lowers the loss most (d_t, the loss at byte t without
+# attention minus with attention on every byte). The last three read the targets, so no causal
+# router can make them: they say what a score that predicted them would be worth. Reading the
+# targets also finds the bytes where attention's output helps by chance: in recurrent only, whose
+# attention never trained, that is all it finds. The capacity rows are left out: their score
+# also scales attention's output.
+
+# %%
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import cram  # noqa: E402
+
+
+def byte_losses(model, batch, mode, keep=None):
+    """The loss at each byte (B, T) under router_mode mode; keep: (L, B, T) bool, attention on
+    those bytes alone in each layer (its EPISODIC logit overridden, its other choices as
+    trained)."""
+    def force(layer):
+        def hook(module, args, out):
+            logits = out[0].clone()
+            logits[..., cram.EPISODIC] = torch.where(keep[layer], 1e4, -1e4)
+            return logits, out[1]
+        return hook
+
+    hooks = [] if keep is None else [b.router.register_forward_hook(force(i))
+                                     for i, b in enumerate(model.blocks)]
+    try:
+        with torch.no_grad():
+            logits = model(batch["tokens"], router_mode=mode)["logits"]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return F.cross_entropy(logits.transpose(1, 2).float(), batch["targets"], reduction="none")
+
+
+def first_order(model, batch):
+    """(L, B, T): dL/dh_t . r_E_t in each layer, attention on every byte (what Sensitivity
+    measures; with attention's output added whole, dL/dr_E_t is dL/dh_t)."""
+    r_E = []
+
+    def keep(module, args, out):
+        out.retain_grad()
+        r_E.append(out)
+
+    hooks = [b.episodic.register_forward_hook(keep) for b in model.blocks]
+    try:
+        logits = model(batch["tokens"], router_mode="always")["logits"]
+        F.cross_entropy(logits.transpose(1, 2), batch["targets"]).backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    model.zero_grad(set_to_none=True)
+    return torch.stack([(r.grad * r).sum(-1) for r in r_E])
+
+
+CHOICES = ["random", "|dL/dh . r_E|", "-dL/dh . r_E", "in hindsight"]
+
+
+def other_choices(k):
+    """-> measure(run, task, model): {choice: the validation loss with attention on 1/k of each
+    window's bytes, so chosen}."""
+    def measure(run, task, model):
+        def top(score):  # (L, B, T) -> the top T / k of each window in each layer
+            n = max(1, score.shape[-1] // k)
+            return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, score.topk(n).indices, 1)
+
+        draw = torch.Generator().manual_seed(0)
+        sums = dict.fromkeys(CHOICES, 0.0)
+        for i in range(run["eval_batches"]):
+            batch = train.eval_batch(task, run, i)
+            dot = first_order(model, batch)
+            d = byte_losses(model, batch, "never") - byte_losses(model, batch, "always")
+            scores = (torch.rand(d.shape, generator=draw).expand_as(dot), dot.abs(), -dot,
+                      d.expand_as(dot))
+            for name, score in zip(CHOICES, scores):
+                sums[name] += byte_losses(model, batch, "learned", top(score)).mean().item()
+        return {name: v / run["eval_batches"] for name, v in sums.items()}
+    return measure
+
+
+print("\nThe choice or the share: validation loss with the row's own choice (its share on "
+      "attention), with none, and with attention on 1/k of the bytes chosen otherwise\n\n"
+      "| row | seed | own choice | its share | no attention | 1/k | " + " | ".join(CHOICES) + " |")
+print("|---|---:|---:|---:|---:|---:|" + "---:|" * len(CHOICES))
+for (row, seed), s in summaries.items():
+    if not row.startswith("capacity"):
+        k = int(row.split("/")[1]) if "/" in row else 8
+        other = kept_pass(f"1/{k} chosen otherwise", row, seed, other_choices(k))
+        off = s["val_loss"] if row == "recurrent only" else kept_pass(
+            "without attention", row, seed, without_attention)
+        print(f"| {row} | {seed} | {s['val_loss']:.4f} | {100 * share(s):.1f}% | {off:.4f} | "
+              f"1/{k} | " + " | ".join(f"{other[c]:.4f}" for c in CHOICES) + " |")
+
 os.makedirs(OUT, exist_ok=True)
 with open(os.path.join(OUT, "table.json"), "w") as fh:
     json.dump({f"{row} | seed {seed}": dict(val_loss=s["val_loss"], attn=share(s),
@@ -220,7 +328,7 @@ from matplotlib.ticker import PercentFormatter  # noqa: E402
 
 from theory.figures import save_figure  # noqa: E402
 
-FAMILIES = ["every", "the paper's", "capacity", "measured", "controlled"]
+FAMILIES = ["every", "the paper's", "capacity", "measured", "gain", "controlled"]
 fig, axes = plt.subplots(1, len(SEEDS), figsize=(5.5 * len(SEEDS), 4), squeeze=False)
 for ax, seed in zip(axes[0], SEEDS):
     for row in ROWS:
@@ -252,9 +360,6 @@ save_figure(fig, "11_language_routers")
 
 # %%
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import cram  # noqa: E402
 
 IDENT = re.compile(rb"[A-Za-z_][A-Za-z0-9_]*")
 KINDS = ["identifier start, new", "identifier start, repeat", "inside identifier, new",
