@@ -25,9 +25,10 @@
 #   down to the budget.
 #
 # The goal set for a learned router: at <= 1/8 of the tokens on attention, it closes at
-# least 75% of the gap between recurrent only and dense, and beats every 8th on both seeds. Last,
-# which tokens a router picks: one validation sequence drawn with its tokens on attention, and the
-# share on attention by kind of byte.
+# least 75% of the gap between recurrent only and dense, and beats every 8th on both seeds. Then
+# whether a router that misses it chooses badly or has too small a share (each trained model with
+# its choice replaced by others); last, which tokens a router picks: one validation sequence
+# drawn with its tokens on attention, and the share on attention by kind of byte.
 #
 #     python notebooks/11_language_routers.py                 # trains what out/notebooks lacks
 #     CRAM_LANG_ROWS="dense,recurrent only" ...              # some rows
@@ -219,15 +220,15 @@ for (row, seed), s in summaries.items():
 #
 # A router that keeps little of the gap at 1/8 may choose badly, or 1/8 of the bytes may be too
 # few for attention to pay. To tell them apart, each trained model's choice is replaced by others
-# at the same share (a row's budget, else 1/8), every other decision as trained: `random` bytes;
-# the top bytes of each window and layer by the two measured targets, in a training forward with
-# attention on every byte (`measured`'s, |dL/dh_t . r_E_t|, and `gain`'s, -dL/dh_t . r_E_t); and
-# `in hindsight` the bytes where attention lowers the loss most (d_t, the loss at byte t without
-# attention minus with attention on every byte). The last three read the targets, so no causal
-# router can make them: they say what a score that predicted them would be worth. Reading the
-# targets also finds the bytes where attention's output helps by chance: in recurrent only, whose
-# attention never trained, that is all it finds. The capacity rows are left out: their score
-# also scales attention's output.
+# at the same share (a row's budget or 1/k, else 1/8), every other decision as trained: `random`
+# bytes; the top bytes of each window and layer by the two measured targets, in a training
+# forward with attention on every byte (`measured`'s, |dL/dh_t . r_E_t|, and `gain`'s,
+# -dL/dh_t . r_E_t); and `in hindsight` the bytes where attention lowers the loss most (d_t, the
+# loss at byte t without attention minus with attention on every byte). The last three read the
+# targets, so no causal router can make them: they say what a score that predicted them would be
+# worth. Reading the targets also finds the bytes where attention's output helps by chance: in
+# recurrent only, whose attention never trained, that is all it finds. The capacity rows are left
+# out: their score also scales attention's output.
 
 # %%
 import torch  # noqa: E402
@@ -309,7 +310,8 @@ print("\nThe choice or the share: validation loss with the row's own choice (its
 print("|---|---:|---:|---:|---:|---:|" + "---:|" * len(CHOICES))
 for (row, seed), s in summaries.items():
     if not row.startswith("capacity"):
-        k = int(row.split("/")[1]) if "/" in row else 8
+        k = int(row.split("/")[1]) if "/" in row else 8   # every kth: its k
+        k = int(row.split()[1][:-2]) if row.startswith("every") else k
         other = kept_pass(f"1/{k} chosen otherwise", row, seed, other_choices(k))
         off = s["val_loss"] if row == "recurrent only" else kept_pass(
             "without attention", row, seed, without_attention)
