@@ -252,11 +252,14 @@ def byte_losses(model, batch, mode, keep=None):
                                      for i, b in enumerate(model.blocks)]
     try:
         with torch.no_grad():
-            logits = model(batch["tokens"], router_mode=mode)["logits"]
+            out = model(batch["tokens"], router_mode=mode)
     finally:
         for hook in hooks:
             hook.remove()
-    return F.cross_entropy(logits.transpose(1, 2).float(), batch["targets"], reduction="none")
+    # the override took: attention ran on exactly those bytes
+    assert keep is None or torch.equal(out["routing"]["z"][..., cram.EPISODIC] > 0, keep)
+    return F.cross_entropy(out["logits"].transpose(1, 2).float(), batch["targets"],
+                           reduction="none")
 
 
 def first_order(model, batch):
