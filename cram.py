@@ -532,18 +532,21 @@ class Sensitivity(torch.autograd.Function):
         return h.view_as(h)
 
     @staticmethod
+    def target(g, r_E, ran, signed):
+        """s (B, T) from dL/dh g (B, T, d), 0 where attention did not run (r_E: any value there,
+        the kernel computes none)."""
+        dot = torch.where(ran, (g.float() * r_E.float()).sum(-1), 0.0)
+        if signed:
+            return torch.asinh(-dot / (dot.abs().sum() / ran.sum()).clamp_min(1e-30))
+        return torch.where(ran, dot.abs().clamp_min(1e-30).log(), 0.0)
+
+    @staticmethod
     def backward(ctx, g):
         r_E, score, ran = ctx.saved_tensors
-        m = ran.float()
-        n = m.sum()
+        n = ran.float().sum()
         if n < 2:
             return g, None, torch.zeros_like(score), None, None, None
-        # r_E is not computed where attention did not run (kernel: any value)
-        dot = torch.where(ran, (g.float() * r_E.float()).sum(-1), 0.0)                # (B, T)
-        if ctx.signed:
-            s = torch.asinh(-dot / (dot.abs().sum() / n).clamp_min(1e-30))
-        else:
-            s = torch.where(ran, dot.abs().clamp_min(1e-30).log(), 0.0)
+        s = Sensitivity.target(g, r_E, ran, ctx.signed)                                # (B, T)
         mean = s.sum() / n
         std = (torch.where(ran, s - mean, 0.0).pow(2).sum() / (n - 1)).sqrt().clamp_min(1e-6)
         grad = torch.where(ran, score - (s - mean) / std, 0.0)

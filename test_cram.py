@@ -22,7 +22,7 @@ modelling, probe.py, kernel.py, bench.py, theory, notebooks):
 | batch rows are independent | test_batch_independence, test_generation_keeps_batch_rows_independent |
 | each loss trains only its own weights | test_consolidation_and_q_head_train_only_their_own_weights, test_the_compute_penalty_never_trains_the_q_head |
 | budgeted routers spend their share, on a schedule | test_capacity_routes_its_budget_in_training_and_above_a_threshold_in_evaluation, test_a_capacity_router_warms_up_at_share_1_then_anneals_to_its_budget |
-| the measured score fits log dL/dh . r_E where attention ran (gain: its signed size) | test_sensitivity_regresses_the_score_on_the_measured_effect, test_the_measured_regression_trains_the_score_and_what_lies_below_it |
+| the measured score fits log dL/dh . r_E where attention ran (gain: the loss it saves) | test_sensitivity_regresses_the_score_on_the_measured_effect, test_the_measured_regression_trains_the_score_and_what_lies_below_it |
 | prefill + steps equal the full forward | test_prefill_then_steps_equal_the_full_forward |
 | the generation cache does not grow | test_the_cache_does_not_grow_with_the_sequence |
 | SRCD and MQAR are generated as specified | test_srcd_invariants, test_mqar_follows_zoology |

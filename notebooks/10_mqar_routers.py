@@ -184,7 +184,7 @@ save_figure(fig, "10_mqar_routers")
 #
 # For each `measured` and `gain` run, on its first eval batch with every token on attention
 # (share 1, the training forward): per layer, how well the target (log |dL/dh_t . r_E_t|, for
-# gain -dL/dh_t . r_E_t) and the router's score single out the queries, as the AUC of queries
+# gain its signed asinh) and the router's score single out the queries, as the AUC of queries
 # against the other tokens (1: every query above every other token; 0.5: chance) and the share of
 # the queries in each sequence's top-k at the run's budget. The target is read in the backward
 # pass, where cram.Sensitivity measures it, by wrapping its backward.
@@ -214,8 +214,8 @@ def separation(key):
     backward = cram.Sensitivity.backward
 
     def spy(ctx, g):  # the measurement, as Sensitivity.backward makes it
-        dot = (g.float() * ctx.saved_tensors[0].float()).sum(-1)
-        targets.append(-dot if ctx.signed else dot.abs().clamp_min(1e-30).log())
+        r_E, _, ran = ctx.saved_tensors
+        targets.append(cram.Sensitivity.target(g, r_E, ran, ctx.signed))
         return backward(ctx, g)
     cram.Sensitivity.backward = staticmethod(spy)
     try:
