@@ -77,7 +77,7 @@ FLOOR = task.floor
 SCHEDULE = [f"--attn_warmup={STEPS // 4}", f"--attn_anneal={STEPS // 4}"]
 BUDGETED = {f"{mode} (1.25x the floor)": [f"--router_mode={mode}",
                                           f"--attn_budget={1.25 * FLOOR}"] + SCHEDULE
-            for mode in ("capacity", "measured", "controlled")}
+            for mode in ("capacity", "measured", "gain", "controlled")}
 # The penalty sweep: three routers at each compute-penalty weight. Their runs at the default weight
 # (0.5) are the table's rows named beside them.
 PENALTIES = [1.0] if SMALL else [0.01, 0.03, 0.1, 0.3, 1.0]

@@ -181,9 +181,15 @@ for (row, seed), c in curves.items():
 
 
 PASSES = os.path.join(OUT, "passes.json")   # the evaluation passes below, kept between calls
-kept = {}
-with contextlib.suppress(OSError, ValueError), open(PASSES) as fh:
-    kept = json.load(fh)
+
+
+def read_passes():
+    with contextlib.suppress(OSError, ValueError), open(PASSES) as fh:
+        return json.load(fh)
+    return {}
+
+
+kept = read_passes()
 
 
 def kept_pass(what, row, seed, measure):
@@ -191,7 +197,9 @@ def kept_pass(what, row, seed, measure):
     and its final loss (a retrained run has another)."""
     key = f"{what} {os.path.basename(run_dir(row, seed))} {summaries[(row, seed)]['val_loss']!r}"
     if key not in kept:
-        kept[key] = measure(*train.load_run(run_dir(row, seed))[:3])
+        value = measure(*train.load_run(run_dir(row, seed))[:3])
+        kept.update(read_passes())  # another call of this notebook may have added some since
+        kept[key] = value
         with open(PASSES, "w") as fh:  # OUT holds the runs
             json.dump(kept, fh, indent=1)
     return kept[key]
@@ -357,11 +365,14 @@ save_figure(fig, "11_language_routers")
 # %% [markdown]
 # ## Which tokens a router picks
 #
-# The first budgeted row at 1/8 among those run (else the paper's router at its default weight),
-# first seed, in evaluation mode: the share of each kind of byte on attention per layer, over every
-# evaluation window. Kinds are read from the byte the router sees (its decision at t predicts byte
-# t + 1): an identifier's first byte or a later one, each split by whether the identifier already
-# occurred earlier in the window (a repeat, which attention can copy), whitespace, the rest.
+# The measured router at 1/8 (else another row at 1/8 among those run, else the paper's router at
+# its default weight), first seed, in evaluation mode: the share of each kind of byte on attention
+# per layer, over every evaluation window; beside it, the share the hindsight choice of "the
+# choice or the share" would put there (the 1/8 of each window where the same model's attention,
+# on every byte, saves the most loss). Kinds are read from the byte the router sees (its decision
+# at t predicts byte t + 1): an identifier's first byte or a later one, each split by whether the
+# identifier already occurred earlier in the window (a repeat, which attention can copy),
+# whitespace, the rest.
 
 # %%
 import numpy as np  # noqa: E402
@@ -387,32 +398,36 @@ def byte_kinds(seq):
 
 assert byte_kinds(list(b"ab(ab, 7)")).tolist() == [0, 2, 5, 1, 3, 5, 4, 5, 5]
 
-picked_row = next((r for r in ROWS if r.split()[-1] == "1/8"), None)
-if picked_row is None and "the paper's router (w 0.5)" in ROWS:
-    picked_row = "the paper's router (w 0.5)"
+PICK = ["measured 1/8"] + [r for r in ROWS if r.endswith("1/8")] + ["the paper's router (w 0.5)"]
+picked_row = next((r for r in PICK if r in ROWS), None)
 if picked_row is not None:
     run, task, model, _ = train.load_run(run_dir(picked_row, SEEDS[0]))
     model.eval()
     counts = np.zeros((model.cfg.n_layer, len(KINDS)))
-    totals = np.zeros(len(KINDS))
+    totals, paying = np.zeros(len(KINDS)), np.zeros(len(KINDS))
     with torch.no_grad():
         for i in range(run["eval_batches"]):
             batch = train.eval_batch(task, run, i)
             on = model(batch["tokens"])["routing"]["z"][..., cram.EPISODIC] > 0    # (L, B, T)
+            # in hindsight: the 1/8 of each window where attention on every byte saves the most
+            d = byte_losses(model, batch, "never") - byte_losses(model, batch, "always")
+            best = d.topk(d.shape[-1] // 8).indices
             if i == 0:  # the window drawn below
                 window, window_on = batch["tokens"][0], on[:, 0]
             for b, seq in enumerate(batch["tokens"].tolist()):
                 kind = byte_kinds(seq)
                 totals += np.bincount(kind, minlength=len(KINDS))
+                paying += np.bincount(kind[best[b].numpy()], minlength=len(KINDS))
                 for layer in range(model.cfg.n_layer):
                     counts[layer] += np.bincount(kind, weights=on[layer, b].numpy(),
                                                  minlength=len(KINDS))
     print(f"\n{picked_row}, seed {SEEDS[0]}: share of each kind of byte on attention\n")
-    print("| kind | bytes | " + " | ".join(f"L{i}" for i in range(len(counts))) + " |")
-    print("|---|---:|" + "---:|" * len(counts))
+    print("| kind | bytes | " + " | ".join(f"L{i}" for i in range(len(counts)))
+          + " | in hindsight |")
+    print("|---|---:|" + "---:|" * (len(counts) + 1))
     for j, name in enumerate(KINDS):
         print(f"| {name} | {100 * totals[j] / totals.sum():.1f}% | " + " | ".join(
-            f"{100 * c[j] / max(totals[j], 1):.1f}%" for c in counts) + " |")
+            f"{100 * c[j] / max(totals[j], 1):.1f}%" for c in list(counts) + [paying]) + " |")
 
     # one window drawn, a panel per layer: the bytes on attention on a coloured ground
     text = [chr(b) if 32 <= b < 127 else ("\n" if b == 10 else " ") for b in window.tolist()]
