@@ -16,7 +16,7 @@
 # class (recurring queries, novel queries, other tokens), the dynamics MSE, the consolidation step
 # (the first evaluation with retrieval >= 99.5% and attention <= 1.25x the floor), the seeds that
 # collapsed (retrieval < 90%) and the wall time. Mean over seeds, and the spread (min .. max).
-# The last three rows are the budgeted routers of notebook 10 at 1.25x the floor.
+# The last four rows are the budgeted routers of notebook 10 at 1.25x the floor.
 #
 #     python notebooks/04_srcd_ablations.py   # trains what out/notebooks/ablations lacks
 #

@@ -196,12 +196,15 @@ def kept_pass(what, row, seed, measure):
     """measure(run, task, model) for the trained run, kept in PASSES under what, the run's name
     and its final loss (a retrained run has another)."""
     key = f"{what} {os.path.basename(run_dir(row, seed))} {summaries[(row, seed)]['val_loss']!r}"
+    kept.update(read_passes())  # another call of this notebook may have added some since
     if key not in kept:
         value = measure(*train.load_run(run_dir(row, seed))[:3])
-        kept.update(read_passes())  # another call of this notebook may have added some since
+        kept.update(read_passes())
         kept[key] = value
-        with open(PASSES, "w") as fh:  # OUT holds the runs
+        part = f"{PASSES}.{os.getpid()}"  # written whole, then renamed: no reader sees half
+        with open(part, "w") as fh:
             json.dump(kept, fh, indent=1)
+        os.replace(part, PASSES)
     return kept[key]
 
 
@@ -421,6 +424,8 @@ if picked_row is not None:
                 for layer in range(model.cfg.n_layer):
                     counts[layer] += np.bincount(kind, weights=on[layer, b].numpy(),
                                                  minlength=len(KINDS))
+    windows = totals.sum() // window.numel()
+    assert paying.sum() == windows * (window.numel() // 8)  # hindsight: 1/8 of each window
     print(f"\n{picked_row}, seed {SEEDS[0]}: share of each kind of byte on attention\n")
     print("| kind | bytes | " + " | ".join(f"L{i}" for i in range(len(counts)))
           + " | in hindsight |")
