@@ -296,24 +296,31 @@ def first_order(model, batch):
 CHOICES = ["random", "|dL/dh . r_E|", "-dL/dh . r_E", "in hindsight"]
 
 
+def saved(model, batch):
+    """(B, T): d_t, the loss at byte t without attention minus with attention on every byte."""
+    return byte_losses(model, batch, "never") - byte_losses(model, batch, "always")
+
+
+def top(score, k):
+    """(..., T) -> bool, the top T / k of each window (in each layer)."""
+    n = max(1, score.shape[-1] // k)
+    return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, score.topk(n).indices, 1)
+
+
 def other_choices(k):
     """-> measure(run, task, model): {choice: the validation loss with attention on 1/k of each
     window's bytes, so chosen}."""
     def measure(run, task, model):
-        def top(score):  # (L, B, T) -> the top T / k of each window in each layer
-            n = max(1, score.shape[-1] // k)
-            return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, score.topk(n).indices, 1)
-
         draw = torch.Generator().manual_seed(0)
         sums = dict.fromkeys(CHOICES, 0.0)
         for i in range(run["eval_batches"]):
             batch = train.eval_batch(task, run, i)
             dot = first_order(model, batch)
-            d = byte_losses(model, batch, "never") - byte_losses(model, batch, "always")
+            d = saved(model, batch)
             scores = (torch.rand(d.shape, generator=draw).expand_as(dot), dot.abs(), -dot,
                       d.expand_as(dot))
             for name, score in zip(CHOICES, scores):
-                sums[name] += byte_losses(model, batch, "learned", top(score)).mean().item()
+                sums[name] += byte_losses(model, batch, "learned", top(score, k)).mean().item()
         return {name: v / run["eval_batches"] for name, v in sums.items()}
     return measure
 
@@ -412,15 +419,13 @@ if picked_row is not None:
         for i in range(run["eval_batches"]):
             batch = train.eval_batch(task, run, i)
             on = model(batch["tokens"])["routing"]["z"][..., cram.EPISODIC] > 0    # (L, B, T)
-            # in hindsight: the 1/8 of each window where attention on every byte saves the most
-            d = byte_losses(model, batch, "never") - byte_losses(model, batch, "always")
-            best = d.topk(d.shape[-1] // 8).indices
+            best = top(saved(model, batch), 8)   # (B, T): the hindsight choice at 1/8
             if i == 0:  # the window drawn below
                 window, window_on = batch["tokens"][0], on[:, 0]
             for b, seq in enumerate(batch["tokens"].tolist()):
                 kind = byte_kinds(seq)
                 totals += np.bincount(kind, minlength=len(KINDS))
-                paying += np.bincount(kind[best[b].numpy()], minlength=len(KINDS))
+                paying += np.bincount(kind, weights=best[b].numpy(), minlength=len(KINDS))
                 for layer in range(model.cfg.n_layer):
                     counts[layer] += np.bincount(kind, weights=on[layer, b].numpy(),
                                                  minlength=len(KINDS))
