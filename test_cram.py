@@ -34,6 +34,7 @@ modelling, probe.py, kernel.py, bench.py, theory, notebooks):
 """
 import dataclasses
 import errno
+import glob
 import inspect
 import json
 import math
@@ -2541,6 +2542,33 @@ def test_mqar_notebook_parts_keep_each_others_cells():
                              text=True, timeout=120, env=dict(env, CRAM_MQAR_MODELS=model))
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert set(json.load(open(path))) == {"attention", "palimpsa (2 heads)"}
+
+
+def test_language_notebook_records_every_run_it_finished():
+    """Notebook 11 called for the baselines, then for one router: the second call's tables hold
+    the first call's runs from the record and close the router's gap against them, and leave out
+    a run of another regime and a file half written."""
+    env = dict(os.environ, CRAM_NB_SMALL="1", MPLBACKEND="Agg", CRAM_LANG_SEEDS="5")
+    nb = os.path.join(ROOT, "notebooks", "11_language_routers.py")
+    record = os.path.join(ROOT, "out", "notebooks", "language_small", "language_runs")
+    for name in glob.glob(os.path.join(record, "*_s5.json*")):
+        os.remove(name)
+    for rows in ("recurrent only,dense", "every 8th"):
+        res = subprocess.run([sys.executable, nb], capture_output=True, text=True, timeout=120,
+                             env=dict(env, CRAM_LANG_ROWS=rows))
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        if rows != "every 8th":   # a longer run of the same rows, and a write cut short
+            other = json.load(open(os.path.join(record, "dense_d16_T32_s5.json")))
+            other["regime"] = other["regime"].replace("8 steps", "80 steps")
+            other.update(row="every 16th", val_loss=9.999, loss_at={"80": 9.999})
+            json.dump(other, open(os.path.join(record, "every_16th_d16_T32_s5.json"), "w"))
+            open(os.path.join(record, "dense_d16_T32_s5.json.123.tmp"), "w").write('{"val')
+    table = res.stdout[res.stdout.index("| row | seed | step"):]
+    gaps = table[:table.index("\n\n")]
+    assert gaps.count("| dense | 5 |") == 1 and "| recurrent only | 5 |" in gaps
+    assert "9.999" not in table and "step 80" not in table
+    assert re.search(r"\| every 8th \| 5 \| .* \| -?\d+% \| -?\d\.\d{3} \|", gaps)  # its gap closed
+    assert "| recurrent only | " in table[table.index("The choice or the share, seed 5"):]
 
 
 @pytest.mark.parametrize("notebook", ["01_lower_bound.py", "02_consolidation.py", "03_srcd_curves.py",

@@ -65,6 +65,7 @@ chosen = os.environ.get("CRAM_LANG_ROWS", ",".join(ROWS)).split(",")
 if set(chosen) - set(ROWS):
     sys.exit(f"CRAM_LANG_ROWS takes names from: {','.join(ROWS)}")
 ROWS = [r for r in ROWS if r in chosen]
+SEED_ORDER = [1337, 7]   # the default seeds, first in every table
 try:
     SEEDS = [int(s) for s in os.environ.get("CRAM_LANG_SEEDS", "1337,7").split(",")]
 except ValueError:
@@ -127,7 +128,8 @@ with ThreadPoolExecutor(JOBS) as pool:  # each run is its own process on one thr
 
 
 def share(s):
-    """The share of tokens on attention in evaluation, over the layers."""
+    """The share of tokens on attention in evaluation, over the layers (of a run's summary or its
+    recorded entry)."""
     return sum(s["attn_per_layer"].values()) / len(s["attn_per_layer"])
 
 
@@ -137,30 +139,75 @@ def share(s):
 # Validation loss in nats per byte (the last evaluation: eval_batches x 16 windows of 512 bytes,
 # the same windows for every run), the share of tokens on attention in evaluation (the budgeted
 # routers decide there by their causal threshold, so their share is measured, not set), and the
-# share of the gap between recurrent only and dense that a row closes. Then what attention is
-# worth inside each trained model: how much its loss rises when attention is removed at
-# evaluation, every other decision as trained (a router that keeps little of the gap may still
-# lean on its attention, or may have learned nothing there).
+# share of the gap between recurrent only and dense that a row closes; what attention is worth
+# inside each trained model: how much its loss rises when attention is removed at evaluation,
+# every other decision as trained (a router that keeps little of the gap may still lean on its
+# attention, or may have learned nothing there).
+#
+# Fifty runs take longer than a session on a laptop, so each finished run's numbers are recorded
+# in the repository, a file a run in assets/language_runs/, and the tables and the Pareto cover
+# every run recorded in this regime, those trained by earlier calls on other machines included.
+# A retrained run replaces its file; runs recorded before this record existed carry a `source`:
+# their numbers were copied from RESULTS.md's tables, at the precision printed there.
 
 # %%
-def gap_closed(row, seed):
-    lo, hi = (summaries.get((r, seed)) for r in ("dense", "recurrent only"))
-    if lo is None or hi is None or hi["val_loss"] == lo["val_loss"]:
+RECORD = os.path.join(OUT if SMALL else os.path.join(ROOT, "assets"), "language_runs")
+# what makes two runs' numbers comparable: the rows differ in their router alone
+REGIME = (f"{STEPS} steps of {RUN['batch_size']} x {T} bytes of {RUN['data_dir']}, d_model {D}, "
+          f"{MODEL['n_layer']} layers, the {MODEL.get('wm_kind', runs.MODEL_DEFAULTS['wm_kind'])} "
+          "working memory")
+BASE = ["recurrent only", "dense"] + [f"the paper's router (w {w})" for w in PENALTIES]
+PRINTED = ["every", "capacity", "controlled", "gain", "measured"]   # at each share, by name
+
+
+def order(e):
+    """Recorded runs by seed (the default seeds first), then the baselines, then by the k of
+    their share (1/k, every k-th) and family; a row this notebook no longer has goes last."""
+    row, seed, k = e["row"], e["seed"], re.findall(r"\d+", e["row"])
+    family = row.split()[0]
+    rank = ((BASE.index(row),) if row in BASE else
+            (len(BASE), int(k[-1]) if k else 0,
+             PRINTED.index(family) if family in PRINTED else len(PRINTED), row))
+    return (SEED_ORDER.index(seed),) if seed in SEED_ORDER else (len(SEED_ORDER), seed), rank
+
+
+def read(path):
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except ValueError as err:
+        sys.exit(f"{path} is not a run's record ({err}): repair or delete it, then rerun")
+
+
+def remember(entries):
+    """Write entries {(row, seed): {...}} into RECORD, a file a run, each written whole and then
+    renamed (no reader sees half); an entry with the loss already recorded keeps what else its
+    file held (a call stopped before its last pass) -> this regime's recorded runs, in order."""
+    os.makedirs(RECORD, exist_ok=True)
+    for (row, seed), e in entries.items():
+        path = os.path.join(RECORD, os.path.basename(run_dir(row, seed)) + ".json")
+        old = read(path) if os.path.exists(path) else {}
+        e = dict(old, **e) if old.get("val_loss") == e["val_loss"] else e
+        with open(f"{path}.{os.getpid()}.tmp", "w") as fh:
+            json.dump(dict(e, row=row, seed=seed, regime=REGIME), fh, indent=1)
+        os.replace(f"{path}.{os.getpid()}.tmp", path)
+    recorded = [read(os.path.join(RECORD, name)) for name in os.listdir(RECORD)
+                if name.endswith(".json")]
+    return {(e["row"], e["seed"]): e
+            for e in sorted((e for e in recorded if e.get("regime") == REGIME), key=order)}
+
+
+def gap_closed(record, e):
+    """The share of the gap between recurrent only and dense of its seed that a run closes."""
+    lo, hi = (record.get((r, e["seed"]), {}).get("val_loss") for r in ("dense", "recurrent only"))
+    if lo is None or hi is None or hi == lo:
         return None
-    return (hi["val_loss"] - summaries[(row, seed)]["val_loss"]) / (hi["val_loss"] - lo["val_loss"])
+    return (hi - e["val_loss"]) / (hi - lo)
 
 
-print(f"{STEPS} steps of {RUN['batch_size']} x {T} bytes, d_model {D}, {MODEL['n_layer']} layers, "
-      "the gated working memory\n")
-print("| row | " + " | ".join(f"seed {s}: loss | attention | gap closed" for s in SEEDS) + " |")
-print("|---|" + "---:|---:|---:|" * len(SEEDS))
-for row in ROWS:
-    cells = []
-    for seed in SEEDS:
-        s, g = summaries[(row, seed)], gap_closed(row, seed)
-        cells.append(f"{s['val_loss']:.4f} | {100 * share(s):.1f}% | "
-                     + ("-" if g is None else f"{100 * g:.0f}%"))
-    print(f"| {row} | " + " | ".join(cells) + " |")
+def pct(x, digits=0):
+    """A share as a percentage, with no minus sign on a zero."""
+    return f"{round(100 * x, digits) + 0.0:.{digits}f}%"
 
 
 def evals(row, seed):
@@ -170,7 +217,8 @@ def evals(row, seed):
                 if r["kind"] == "eval"}
 
 
-# the gap opens late: validation loss at steps 1/16, 1/8, 1/4, 3/8, 1/2, 3/4 and 1 of the run
+# the gap opens late: validation loss at steps 1/16, 1/8, 1/4, 3/8, 1/2, 3/4 and 1 of this
+# call's runs (the record keeps the last three)
 curves = {key: evals(*key) for key in summaries}
 marks = sorted({STEPS * i // 16 for i in (1, 2, 4, 6, 8, 12, 16)} & set.intersection(
     *(set(c) for c in curves.values())))
@@ -215,16 +263,39 @@ def without_attention(run, task, model):
     return train.evaluate(model, task, batches, contextlib.nullcontext(), "never")["ce"]
 
 
-# what attention is worth inside each trained model: the loss it adds back where it runs
-print("\nWhat attention is worth in each model: validation loss with its routing, without "
-      "attention\n\n| row | seed | loss | without attention | attention's worth |")
-print("|---|---:|---:|---:|---:|")
-for (row, seed), s in summaries.items():
-    if row != "recurrent only":
-        off = kept_pass("without attention", row, seed, without_attention)
-        print(f"| {row} | {seed} | {s['val_loss']:.4f} | {off:.4f} | {off - s['val_loss']:+.4f} |")
-        # the pass really ran without attention: the dense model's loss moved, at any size
-        assert row != "dense" or off != s["val_loss"], "router_mode='never' left attention on"
+def entry(row, seed, s):
+    """What the record keeps of a finished run."""
+    c = curves[(row, seed)]
+    off = None if row == "recurrent only" else kept_pass("without attention", row, seed,
+                                                         without_attention)
+    return dict(val_loss=s["val_loss"], attn_per_layer=s["attn_per_layer"],
+                loss_at={str(m): c[m] for m in (STEPS // 2, 3 * STEPS // 4, STEPS) if m in c},
+                worth=None if off is None else off - s["val_loss"])
+
+
+record = remember({key: entry(*key, s) for key, s in summaries.items()})
+# the pass really ran without attention: the dense model's loss moved, at any size
+assert all(record[key]["worth"] for key in summaries if key[0] == "dense"), \
+    "router_mode='never' left attention on"
+
+print(f"\nEvery run recorded in {os.path.relpath(RECORD, ROOT)}, {REGIME}: validation loss along "
+      "the run, the share of tokens on attention per layer, the gap closed, and attention's worth "
+      "(the loss with attention removed at evaluation, every other decision as trained, minus the "
+      "loss with it)\n")
+marks_kept = sorted({int(m) for e in record.values() for m in e["loss_at"]})
+print("| row | seed | " + " | ".join(f"step {m}" for m in marks_kept) + " | attention "
+      + " / ".join(next(iter(record.values()))["attn_per_layer"]) + " | gap closed | "
+      "attention's worth |")
+print("|---|---:|" + "---:|" * (len(marks_kept) + 3))
+for e in record.values():
+    attn = (pct(share(e)) if e["row"] in ("recurrent only", "dense")
+            else " / ".join(pct(v, 1) for v in e["attn_per_layer"].values()))
+    g = gap_closed(record, e)
+    worth = "-" if e["worth"] is None else f"{round(e['worth'], 3) + 0.0:.3f}"
+    losses = [e["loss_at"].get(str(m)) for m in marks_kept]
+    print(f"| {e['row']} | {e['seed']} | " + " | ".join("-" if v is None else f"{v:.3f}"
+                                                        for v in losses)
+          + f" | {attn} | {'-' if g is None else pct(g)} | {worth} |")
 
 # %% [markdown]
 # ## The choice, or the share?
@@ -325,10 +396,8 @@ def other_choices(k):
     return measure
 
 
-print("\nThe choice or the share: validation loss with the row's own choice (its share on "
-      "attention), with none, and with attention on 1/k of the bytes chosen otherwise\n\n"
-      "| row | seed | own choice | its share | no attention | 1/k | " + " | ".join(CHOICES) + " |")
-print("|---|---:|---:|---:|---:|---:|" + "---:|" * len(CHOICES))
+HEADS = ["random", "by size", "by sign", "in hindsight"]   # CHOICES, as the table heads them
+chosen_otherwise = {}
 for (row, seed), s in summaries.items():
     if not row.startswith("capacity"):
         k = int(row.split("/")[1]) if "/" in row else 8   # every kth: its k
@@ -336,14 +405,23 @@ for (row, seed), s in summaries.items():
         other = kept_pass(f"1/{k} chosen otherwise", row, seed, other_choices(k))
         off = s["val_loss"] if row == "recurrent only" else kept_pass(
             "without attention", row, seed, without_attention)
-        print(f"| {row} | {seed} | {s['val_loss']:.4f} | {100 * share(s):.1f}% | {off:.4f} | "
-              f"1/{k} | " + " | ".join(f"{other[c]:.4f}" for c in CHOICES) + " |")
+        chosen_otherwise[(row, seed)] = dict(record[(row, seed)], choice={
+            "k": k, "no attention": off, **dict(zip(HEADS, map(other.get, CHOICES)))})
+record = remember(chosen_otherwise)
 
-os.makedirs(OUT, exist_ok=True)
-with open(os.path.join(OUT, "table.json"), "w") as fh:
-    json.dump({f"{row} | seed {seed}": dict(val_loss=s["val_loss"], attn=share(s),
-                                             attn_per_layer=s["attn_per_layer"])
-               for (row, seed), s in summaries.items()}, fh, indent=1)
+for seed in dict.fromkeys(e["seed"] for e in record.values() if "choice" in e):
+    print(f"\nThe choice or the share, seed {seed}: validation loss with the model's own choice "
+          "(its share on attention), with none, and with attention on 1/k of each window's bytes "
+          "chosen otherwise\n\n| model | own choice (share) | no attention | share | "
+          + " | ".join(HEADS) + " |")
+    print("|---|---:|---:|---:|" + "---:|" * len(HEADS))
+    for e in record.values():
+        if e["seed"] == seed and "choice" in e:
+            c = e["choice"]
+            digits = 0 if e["row"] in ("recurrent only", "dense") else 1
+            print(f"| {e['row']} | {e['val_loss']:.4f} ({pct(share(e), digits)}) | "
+                  f"{c['no attention']:.4f} | 1/{c['k']} | "
+                  + " | ".join(f"{c[h]:.4f}" for h in HEADS) + " |")
 
 # %%
 import matplotlib.pyplot as plt  # noqa: E402
@@ -352,16 +430,17 @@ from matplotlib.ticker import PercentFormatter  # noqa: E402
 from theory.figures import save_figure  # noqa: E402
 
 FAMILIES = ["every", "the paper's", "capacity", "measured", "gain", "controlled"]
-fig, axes = plt.subplots(1, len(SEEDS), figsize=(5.5 * len(SEEDS), 4), squeeze=False)
-for ax, seed in zip(axes[0], SEEDS):
-    for row in ROWS:
-        s = summaries[(row, seed)]
-        if row in ("recurrent only", "dense"):
-            ax.axhline(s["val_loss"], color="k", ls=":" if row == "dense" else "--", lw=1,
-                       label=row)
+seeds = list(dict.fromkeys(e["seed"] for e in record.values()))   # every seed recorded
+fig, axes = plt.subplots(1, len(seeds), figsize=(5.5 * len(seeds), 4), squeeze=False)
+for ax, seed in zip(axes[0], seeds):
+    runs_of = [e for e in record.values() if e["seed"] == seed]
+    for e in runs_of:
+        if e["row"] in ("recurrent only", "dense"):
+            ax.axhline(e["val_loss"], color="k", ls=":" if e["row"] == "dense" else "--", lw=1,
+                       label=e["row"])
     for i, fam in enumerate(FAMILIES):
-        pts = sorted((max(share(s), 1e-3), s["val_loss"]) for (row, sd), s in summaries.items()
-                     if sd == seed and row.startswith(fam))
+        pts = sorted((max(share(e), 1e-3), e["val_loss"]) for e in runs_of
+                     if e["row"].startswith(fam))
         if pts:
             ax.plot(*zip(*pts), "o-", color=f"C{i}", label=fam)
     ax.set(xscale="log", xlim=(5e-4, 1.5), xlabel="tokens on attention (evaluation)",
