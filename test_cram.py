@@ -2569,6 +2569,15 @@ def test_language_notebook_records_every_run_it_finished():
     assert "9.999" not in table and "step 80" not in table
     assert re.search(r"\| every 8th \| 5 \| .* \| -?\d+% \| -?\d\.\d{3} \|", gaps)  # its gap closed
     assert "| recurrent only | " in table[table.index("The choice or the share, seed 5"):]
+    bad = os.path.join(record, "broken_d16_T32_s5.json")   # a record cut short: one line that says so
+    open(bad, "w").write('{"val')
+    res = subprocess.run([sys.executable, nb], capture_output=True, text=True, timeout=120,
+                         env=dict(env, CRAM_LANG_ROWS="every 8th"))
+    os.remove(bad)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"{bad} is not a run's record (Unterminated string starting at: line 1 column 2 (char 1)): "
+        "repair or delete it, then rerun")
 
 
 @pytest.mark.parametrize("notebook", ["01_lower_bound.py", "02_consolidation.py", "03_srcd_curves.py",
