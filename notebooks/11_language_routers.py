@@ -66,11 +66,11 @@ if set(chosen) - set(ROWS):
     sys.exit(f"CRAM_LANG_ROWS takes names from: {','.join(ROWS)}")
 ROWS = [r for r in ROWS if r in chosen]
 SEED_ORDER = [1337, 7]   # the default seeds, first in every table
+DEFAULT_SEEDS = ",".join(map(str, SEED_ORDER))
 try:
-    SEEDS = [int(s) for s in os.environ.get("CRAM_LANG_SEEDS",
-                                            ",".join(map(str, SEED_ORDER))).split(",")]
+    SEEDS = [int(s) for s in os.environ.get("CRAM_LANG_SEEDS", DEFAULT_SEEDS).split(",")]
 except ValueError:
-    sys.exit("CRAM_LANG_SEEDS takes integers, comma-separated (1337,7)")
+    sys.exit(f"CRAM_LANG_SEEDS takes integers, comma-separated ({DEFAULT_SEEDS})")
 SEEDS = SEEDS[:1] if SMALL else SEEDS
 
 # %% [markdown]
